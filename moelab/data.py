@@ -1,0 +1,349 @@
+"""Offline text for training, calibration and evaluation (three domains: general, math, code).
+
+Every byte comes from packages the registries ship, so a notebook runs with no hub and no web:
+
+* general: the Wikipedia sample in gensim's test data (markup stripped with gensim's own
+  ``filter_wiki``) plus the Lee news corpus beside it;
+* math: GSM8K-style word problems with worked solutions from reasoning-gym's ``gsm_symbolic``
+  generator, plus short arithmetic problems from its other generators;
+* code: the Python standard library source of the running interpreter.
+
+Documents are split into train / calib / eval by a hash of a stable key, so the splits are
+deterministic and disjoint. ``calibration_set`` builds a ``datasets.Dataset`` for any mix
+general:math:code by ratio and token budget (the REAM calibration-mix knob) and caches it on disk.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import os
+import re
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+DOMAINS = ("general", "math", "code")
+SPLITS = ("train", "calib", "eval")
+# Share of documents per split; calib and eval are small because they are only read, not trained on.
+SPLIT_SHARES = {"train": 0.90, "calib": 0.05, "eval": 0.05}
+
+# How many generated problems each split gets. Math is synthetic, so its size is a choice: enough
+# tokens to match the other domains in training, and held-out problems for the MC/GEN tasks.
+MATH_PROBLEMS = {"train": 24000, "calib": 1500, "eval": 1500}
+# Seeds per split are far apart so the generators never emit the same instance stream twice.
+_MATH_SEEDS = {"train": 1_000, "calib": 2_000_000, "eval": 3_000_000}
+# Arithmetic generators mixed into the math domain, with their share of problems.
+_ARITH = ("basic_arithmetic", "chain_sum", "products", "leg_counting", "time_intervals", "gcd", "lcm")
+_ARITH_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text and where it came from (``key`` decides its split)."""
+
+    domain: str
+    key: str
+    text: str
+
+
+def cache_dir() -> Path:
+    """Root of moelab's on-disk cache (``MOELAB_CACHE`` overrides ``~/.cache/moelab``)."""
+    root = os.environ.get("MOELAB_CACHE") or os.path.join(Path.home(), ".cache", "moelab")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def split_of(key: str) -> str:
+    """Deterministic split for a document key (a stable hash, independent of PYTHONHASHSEED)."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for split in SPLITS:
+        edge += SPLIT_SHARES[split]
+        if h < edge:
+            return split
+    return SPLITS[-1]
+
+
+# ----------------------------------------------------------------------------- general text
+def _gensim_data(name: str) -> Path:
+    try:
+        import gensim.test.utils as gtu
+    except ImportError as exc:  # pragma: no cover - gensim is a declared dependency
+        raise ImportError("moelab.data needs gensim for its general-English text: pip install gensim") from exc
+    return Path(gtu.datapath(name))
+
+
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _clean_wiki(text: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(text)
+    text = re.sub(r"'{2,}", "", text)  # bold / italic quotes survive filter_wiki
+    text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)  # headings -> plain lines
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # empty parentheses left by removed templates
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"\n\s*\n+", "\n\n", text)
+    return text.strip()
+
+
+def _general_documents() -> list[Document]:
+    from gensim.corpora.wikicorpus import extract_pages
+
+    docs = []
+    with bz2.open(_gensim_data(_WIKI_FILE)) as fh:
+        for title, raw, _pid in extract_pages(fh):
+            if raw.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            text = _clean_wiki(raw)
+            paragraphs = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 8]
+            # Articles are long and few (about 200), so split each into ~300-word chunks at paragraph
+            # boundaries: that gives enough units for a 5% held-out split to be representative.
+            chunk: list[str] = []
+            words = 0
+            part = 0
+            for p in paragraphs:
+                chunk.append(p)
+                words += len(p.split())
+                if words >= 300:
+                    docs.append(Document("general", f"wiki/{title}/{part}", "\n\n".join(chunk)))
+                    chunk, words, part = [], 0, part + 1
+            if chunk:
+                docs.append(Document("general", f"wiki/{title}/{part}", "\n\n".join(chunk)))
+    lee = _gensim_data("lee_background.cor").read_text(encoding="utf-8", errors="replace")
+    for i, line in enumerate(lee.splitlines()):
+        if line.strip():
+            docs.append(Document("general", f"lee/{i}", line.strip()))
+    return docs
+
+
+# ----------------------------------------------------------------------------- math
+def _format_problem(question: str, solution: str, answer: str) -> str:
+    return f"Question: {question.strip()}\nAnswer: {solution.strip()}\n#### {answer.strip()}"
+
+
+def math_problems(split: str, n: int | None = None) -> list[dict]:
+    """Generated math problems for one split: dicts with question, solution, answer.
+
+    Args:
+        split: one of SPLITS; each split has its own seeds and instances are de-duplicated across
+            splits by question text (train drops anything that also appears in calib or eval).
+        n: how many (default ``MATH_PROBLEMS[split]``).
+    """
+    n = MATH_PROBLEMS[split] if n is None else n
+    return list(_math_problems(split, n))
+
+
+@lru_cache(maxsize=8)
+def _math_problems(split: str, n: int) -> tuple[dict, ...]:
+    import reasoning_gym as rg
+
+    n_arith = int(n * _ARITH_SHARE)
+    n_gsm = n - n_arith
+    seed = _MATH_SEEDS[split]
+    out = []
+    for item in rg.create_dataset("gsm_symbolic", size=n_gsm, seed=seed):
+        cot = item["metadata"].get("answer_cot", "")
+        cot = re.sub(r"\n?####.*$", "", cot.strip(), flags=re.S)  # the answer line is added below
+        q = re.sub(r"\s*Give the result as your final answer\.?\s*Do not include units\.?", "", item["question"])
+        out.append({"question": q.strip(), "solution": cot.strip(), "answer": str(item["answer"]).strip(),
+                    "source": "gsm_symbolic"})
+    per = max(1, n_arith // len(_ARITH))
+    for j, name in enumerate(_ARITH):
+        for item in rg.create_dataset(name, size=per, seed=seed + 17 * (j + 1)):
+            out.append({"question": item["question"].strip(), "solution": "",
+                        "answer": str(item["answer"]).strip(), "source": name})
+    if split == "train":
+        held = {p["question"] for s in ("calib", "eval") for p in _math_problems(s, MATH_PROBLEMS[s])}
+        out = [p for p in out if p["question"] not in held]
+    return tuple(out)
+
+
+def _math_documents(split: str) -> list[Document]:
+    return [Document("math", f"math/{split}/{i}", _format_problem(p["question"], p["solution"], p["answer"]))
+            for i, p in enumerate(math_problems(split))]
+
+
+# ----------------------------------------------------------------------------- code
+_CODE_SKIP = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "venv",
+              "pydoc_data", "config-3", "tkinter", "__phello__")
+
+
+def _code_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _CODE_SKIP or part.startswith("config-") for part in rel.parts[:-1]):
+            continue
+        if rel.name.startswith("test_"):
+            continue
+        files.append(path)
+    return files
+
+
+def _code_documents() -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in _code_files():
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if len(text) < 200:
+            continue
+        docs.append(Document("code", f"code/{path.relative_to(root).as_posix()}", text))
+    return docs
+
+
+# ----------------------------------------------------------------------------- public API
+@lru_cache(maxsize=None)
+def _all_documents(domain: str) -> tuple[Document, ...]:
+    if domain == "general":
+        return tuple(_general_documents())
+    if domain == "code":
+        return tuple(_code_documents())
+    raise ValueError(domain)
+
+
+def documents(domain: str, split: str) -> list[Document]:
+    """All documents of one domain and split, in a fixed order.
+
+    Raises:
+        ValueError: for an unknown domain or split (the message lists the valid ones).
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if domain == "math":
+        return _math_documents(split)
+    return [d for d in _all_documents(domain) if split_of(d.key) == split]
+
+
+def texts(domain: str, split: str) -> list[str]:
+    """The texts of ``documents(domain, split)``."""
+    return [d.text for d in documents(domain, split)]
+
+
+def parse_mix(mix: str | Sequence[float] | dict) -> dict[str, float]:
+    """Normalise a calibration mix to shares per domain that sum to 1.
+
+    Accepts "1:0:0", "general", (0, 0.3, 0.7) or {"math": 0.3, "code": 0.7}; order is general:math:code.
+    """
+    if isinstance(mix, str):
+        if mix in DOMAINS:
+            weights = [1.0 if d == mix else 0.0 for d in DOMAINS]
+        else:
+            try:
+                weights = [float(x) for x in mix.split(":")]
+            except ValueError:
+                weights = []
+    elif isinstance(mix, dict):
+        unknown = set(mix) - set(DOMAINS)
+        if unknown:
+            raise ValueError(f"calibration mix names unknown domains {sorted(unknown)}; use {DOMAINS}")
+        weights = [float(mix.get(d, 0.0)) for d in DOMAINS]
+    else:
+        weights = [float(x) for x in mix]
+    if len(weights) != len(DOMAINS) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"calibration mix {mix!r} is not valid: give three non-negative shares general:math:code "
+            "that do not all vanish, e.g. '0:0.3:0.7', or a single domain name"
+        )
+    total = sum(weights)
+    return {d: w / total for d, w in zip(DOMAINS, weights)}
+
+
+def mix_label(mix) -> str:
+    """Short label for a mix, e.g. '0:0.3:0.7'."""
+    shares = parse_mix(mix)
+    return ":".join(f"{shares[d]:.2g}" for d in DOMAINS)
+
+
+def pack_tokens(token_lists: Iterable[list[int]], seq_len: int, eos_id: int | None) -> list[list[int]]:
+    """Concatenate tokenised documents (separated by EOS) and cut them into full rows of seq_len."""
+    rows, buf = [], []
+    for ids in token_lists:
+        buf.extend(ids)
+        if eos_id is not None:
+            buf.append(eos_id)
+        while len(buf) >= seq_len:
+            rows.append(buf[:seq_len])
+            buf = buf[seq_len:]
+    return rows
+
+
+def _tokenizer_key(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items())[:5000]) + str(len(vocab)) + type(tokenizer).__name__
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int = 256, split: str = "calib",
+                    seed: int = 0, cache: bool = True):
+    """A tokenised calibration (or evaluation) set for a domain mix, as a ``datasets.Dataset``.
+
+    Rows hold ``input_ids`` and ``attention_mask`` (all ones: rows are packed full) and ``domain``.
+    Each domain contributes ``round(share * tokens / seq_len)`` rows taken in a seeded order from
+    its split, so the same arguments always give the same set; the result is cached on disk under
+    ``cache_dir()/calib`` keyed by every argument and the tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (the model's own).
+        mix: shares general:math:code (see ``parse_mix``).
+        tokens: token budget of the whole set.
+        seq_len: row length in tokens.
+        split: "calib" by default; "eval" gives held-out rows for perplexity.
+        seed: order in which documents are drawn.
+
+    Raises:
+        ValueError: if the budget gives no rows, or a domain lacks text for its share.
+    """
+    import datasets
+    import numpy as np
+
+    shares = parse_mix(mix)
+    if tokens < seq_len:
+        raise ValueError(f"token budget {tokens} is below one row of seq_len={seq_len}; raise `tokens`")
+    key = hashlib.sha256(json.dumps([mix_label(mix), tokens, seq_len, split, seed, _tokenizer_key(tokenizer)])
+                         .encode()).hexdigest()[:16]
+    path = cache_dir() / "calib" / key
+    if cache and path.exists():
+        return datasets.load_from_disk(str(path))
+    n_rows = max(1, tokens // seq_len)
+    counts = {d: int(round(shares[d] * n_rows)) for d in DOMAINS}
+    # Rounding can lose or add a row; give the difference to the largest share.
+    counts[max(shares, key=shares.get)] += n_rows - sum(counts.values())
+    rows = {"input_ids": [], "attention_mask": [], "domain": []}
+    for d in DOMAINS:
+        if counts[d] <= 0:
+            continue
+        docs = texts(d, split)
+        order = np.random.default_rng(seed + DOMAINS.index(d)).permutation(len(docs))
+        packed: list[list[int]] = []
+        for start in range(0, len(order), 64):
+            batch = [docs[i] for i in order[start:start + 64]]
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            packed.extend(pack_tokens(ids, seq_len, tokenizer.eos_token_id))
+            if len(packed) >= counts[d]:
+                break
+        if len(packed) < counts[d]:
+            raise ValueError(
+                f"the {split} split of {d!r} holds {len(packed)} rows of {seq_len} tokens, fewer than the "
+                f"{counts[d]} asked for; lower `tokens` or `seq_len`"
+            )
+        for r in packed[:counts[d]]:
+            rows["input_ids"].append(r)
+            rows["attention_mask"].append([1] * seq_len)
+            rows["domain"].append(d)
+    ds = datasets.Dataset.from_dict(rows)
+    if cache:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        ds.save_to_disk(str(tmp))
+        os.replace(tmp, path) if not path.exists() else None
+        return datasets.load_from_disk(str(path))
+    return ds
