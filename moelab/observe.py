@@ -1,0 +1,345 @@
+"""One calibration pass that collects every statistic the compression methods need.
+
+Per MoE layer (see ../shared/METHODS.md, "Expert importance criteria"):
+
+* ``counts[e]``: |X_e|, the tokens whose top-k contains e (and ``counts_by_group`` per domain);
+* ``soft_mass[e]``: sum over all tokens of g_e(x) (softmax or sigmoid over all experts, the
+  family's own scores); ``soft_mass_routed[e]``: the same over routed tokens only;
+* ``reap_sum[e]``: sum over X_e of g_e(x) * ||f_e(x)||_2 (REAP saliency, g not renormalised);
+  ``reap_topk_sum[e]``: the same with the weight the model really applies (renormalised top-k);
+* ``ean_sum[e]``: sum over X_e of ||f_e(x)||_2 (EAN);
+* ``dern_sum[e]``: sum over X_e of the router weight renormalised over the top-k (DERN importance);
+* ``out_sum[e]`` and ``gated_out_sum[e]``: sums of f_e(x) and g_e(x) f_e(x) over X_e (mean-output
+  similarity, REAM's ybar);
+* ``logit_gram`` / ``prob_gram`` [E, E]: sums of z z^T and g g^T over tokens (cosine and Euclidean
+  distances between router-logit columns follow from a Gram matrix, without keeping T x E);
+* ``input_sample`` [n, H]: a uniform bounded sample of the layer's MoE inputs (any expert's neuron
+  activations on shared tokens are computed from it on demand, for alignment, DERN and NAEE);
+* ``hidden_abs_sum`` [H]: sum of |normalised hidden| per channel (SlimQwen width pruning).
+
+Per decoder layer: ``layer_cos``, the mean cosine between its input and output hidden states
+(SlimQwen depth pruning).
+
+Expert outputs are never recomputed: moelab's experts kernel (moelab.kernels) hands each expert's
+activations and outputs to a recorder as it computes them, only for the (token, expert) pairs the
+router chose. Memory is bounded: sums are [E], [E, H] or [E, E], samples are capped.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels, models
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one MoE layer over a calibration set (sums; see the module docstring)."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    tokens: int = 0
+    counts: torch.Tensor = None
+    soft_mass: torch.Tensor = None
+    soft_mass_routed: torch.Tensor = None
+    reap_sum: torch.Tensor = None
+    reap_topk_sum: torch.Tensor = None
+    ean_sum: torch.Tensor = None
+    dern_sum: torch.Tensor = None
+    out_sum: torch.Tensor = None
+    gated_out_sum: torch.Tensor = None
+    logit_gram: torch.Tensor = None
+    prob_gram: torch.Tensor = None
+    hidden_abs_sum: torch.Tensor = None
+    input_sample: torch.Tensor = None
+    counts_by_group: dict = field(default_factory=dict)
+    _sample_keys: torch.Tensor = None
+
+    def init(self, hidden: int) -> None:
+        E, f64 = self.num_experts, torch.float64
+        for name in ("counts", "soft_mass", "soft_mass_routed", "reap_sum", "reap_topk_sum", "ean_sum", "dern_sum"):
+            setattr(self, name, torch.zeros(E, dtype=f64))
+        self.out_sum = torch.zeros(E, hidden, dtype=f64)
+        self.gated_out_sum = torch.zeros(E, hidden, dtype=f64)
+        self.logit_gram = torch.zeros(E, E, dtype=f64)
+        self.prob_gram = torch.zeros(E, E, dtype=f64)
+        self.hidden_abs_sum = torch.zeros(hidden, dtype=f64)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """freq_e = |X_e| / (K T) (METHODS.md, frequency criterion)."""
+        return self.counts / max(1, self.top_k * self.tokens)
+
+    def group_share(self) -> tuple[list, torch.Tensor]:
+        """Where each expert's tokens come from: (group names, [G, E] shares that sum to 1 per expert).
+
+        Needs a calibration set with a ``domain`` column. Experts that saw no token get zeros.
+        """
+        if not self.counts_by_group:
+            raise ValueError("no per-domain counts: observe a calibration set that has a `domain` column")
+        names = sorted(self.counts_by_group)
+        m = torch.stack([self.counts_by_group[g] for g in names])
+        return names, m / m.sum(0, keepdim=True).clamp_min(1)
+
+    def main_group_share(self) -> float:
+        """Mean over used experts of the share of its tokens that come from its main domain.
+
+        1/G means no specialisation, 1 means every expert serves one domain only.
+        """
+        _, share = self.group_share()
+        used = self.counts > 0
+        return float(share.max(0).values[used].mean())
+
+
+@dataclass
+class Observation:
+    """What one calibration pass saw: per MoE layer ``LayerStats``, per decoder layer ``layer_cos``."""
+
+    layers: dict
+    layer_cos: dict
+    tokens: int
+    groups: list
+
+    def __getitem__(self, layer: int) -> LayerStats:
+        return self.layers[layer]
+
+    def check_finite(self) -> None:
+        """Raise if any statistic holds NaN or Inf (a broken model or calibration set)."""
+        for idx, st in self.layers.items():
+            for name, val in vars(st).items():
+                if isinstance(val, torch.Tensor) and val.is_floating_point() and not torch.isfinite(val).all():
+                    raise FloatingPointError(
+                        f"observation of layer {idx}: statistic {name!r} holds NaN or Inf; check the model's "
+                        "weights (moelab.io.check_finite) and that the calibration rows are valid token ids"
+                    )
+
+
+class _Recorder:
+    """Accumulates one layer's statistics; called by the experts kernel once per expert run."""
+
+    def __init__(self, layer: models.MoELayer, stats: LayerStats, sample_size: int, generator: torch.Generator,
+                 group_ids: list):
+        self.layer, self.stats, self.sample_size, self.gen = layer, stats, sample_size, generator
+        self.group_ids = group_ids
+        self.group_counts = torch.zeros(len(group_ids), stats.num_experts, dtype=torch.float64)
+        self.probs = None      # [T, E] of the current batch (set by the block pre-hook)
+        self.valid = None      # [T] bool, attention mask of the current batch
+        self.topk_denom = None
+        self.token_group = None
+
+    # -- block pre-hook: routing statistics for every token of the batch
+    def before_block(self, hidden: torch.Tensor, valid: torch.Tensor, token_group: torch.Tensor) -> None:
+        st = self.stats
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if st.counts is None:
+            st.init(h.shape[-1])
+        route = self.layer.route(h)
+        probs = route.probs.float()
+        self.probs, self.valid, self.token_group = probs, valid, token_group
+        self.topk_denom = probs.gather(1, route.topk_idx).sum(-1).clamp_min(1e-20)
+        all_valid = bool(valid.all())
+        hv = h if all_valid else h[valid]
+        pv = probs if all_valid else probs[valid]
+        lv = route.router_logits.float() if all_valid else route.router_logits.float()[valid]
+        hv = hv.float()
+        st.tokens += hv.shape[0]
+        # Per-batch sums in float32 (fast), accumulated across batches in float64 (exact enough).
+        st.soft_mass += pv.sum(0).double()
+        st.logit_gram += (lv.T @ lv).double()
+        st.prob_gram += (pv.T @ pv).double()
+        st.hidden_abs_sum += hv.abs().sum(0).double()
+        if self.sample_size:
+            keys = torch.rand(hv.shape[0], generator=self.gen)
+            pool = hv if st.input_sample is None else torch.cat([st.input_sample, hv])
+            pkeys = keys if st._sample_keys is None else torch.cat([st._sample_keys, keys])
+            keep = torch.topk(pkeys, min(self.sample_size, len(pkeys)), largest=False).indices
+            # bottom-k random keys over all tokens seen so far: a uniform sample of bounded size
+            st.input_sample, st._sample_keys = pool[keep], pkeys[keep]
+
+    # -- experts kernel callback: all routed (token, expert) pairs of this forward, sorted by expert
+    def __call__(self, module, token_idx, expert_idx, out, weight) -> None:
+        st = self.stats
+        keep = self.valid[token_idx]
+        if not bool(keep.all()):
+            token_idx, expert_idx, out, weight = token_idx[keep], expert_idx[keep], out[keep], weight[keep]
+        if token_idx.numel() == 0:
+            return
+        E = st.num_experts
+        outf = out.float()
+        g = self.probs[token_idx, expert_idx]
+        norms = outf.norm(dim=-1)
+        per_pair = torch.stack([torch.ones_like(g), g, g * norms, weight.float() * norms, norms,
+                                g / self.topk_denom[token_idx]], dim=1)
+        sums = torch.zeros(E, per_pair.shape[1]).index_add_(0, expert_idx, per_pair).double()
+        st.counts += sums[:, 0]
+        st.soft_mass_routed += sums[:, 1]
+        st.reap_sum += sums[:, 2]
+        st.reap_topk_sum += sums[:, 3]
+        st.ean_sum += sums[:, 4]
+        st.dern_sum += sums[:, 5]
+        st.out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, outf).double()
+        st.gated_out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double()
+        if self.token_group is not None:
+            G = len(self.group_ids)
+            flat = self.token_group[token_idx] * E + expert_idx
+            self.group_counts += torch.bincount(flat, minlength=G * E).reshape(G, E).double()
+
+
+def _decoder_layers(model):
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise models.UnsupportedModelError(f"{type(model).__name__}: no decoder `layers` list to observe")
+    return layers
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, batch_state: dict):
+    """Install the block pre-hooks, kernel recorders and decoder-layer hooks; remove them on exit."""
+    handles = []
+    previous_impl = model.config._experts_implementation
+    kernels.use_sorted_kernel(model)
+    try:
+        for idx, rec in recorders.items():
+            def pre(mod, args, kwargs, rec=rec):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                rec.before_block(hidden, batch_state["valid"], batch_state["group"])
+            handles.append(rec.layer.block.register_forward_pre_hook(pre, with_kwargs=True))
+            rec.layer.experts_module()._moelab_recorder = rec
+        for i, dec in enumerate(_decoder_layers(model)):
+            def cos_hook(mod, args, kwargs, output, i=i):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = output[0] if isinstance(output, tuple) else output
+                v = batch_state["valid"]
+                c = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1])[v].float(),
+                                                          y.reshape(-1, y.shape[-1])[v].float(), dim=-1)
+                s, n = layer_cos.get(i, (0.0, 0))
+                layer_cos[i] = (s + float(c.double().sum()), n + int(c.numel()))
+                if stop_after is not None and i >= stop_after:
+                    raise _StopForward
+            handles.append(dec.register_forward_hook(cos_hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for rec in recorders.values():
+            mod = rec.layer.experts_module()
+            if hasattr(mod, "_moelab_recorder"):
+                del mod._moelab_recorder
+        if previous_impl != kernels.KERNEL_NAME and previous_impl is not None:
+            model.set_experts_implementation(previous_impl)
+
+
+def _rows(dataset):
+    """Normalise a calibration set to (input_ids [N, L] tensor, attention_mask, group names per row)."""
+    if isinstance(dataset, torch.Tensor):
+        return dataset, torch.ones_like(dataset), None
+    if isinstance(dataset, dict):
+        ids = torch.as_tensor(dataset["input_ids"])
+        return ids, torch.as_tensor(dataset.get("attention_mask", torch.ones_like(ids))), dataset.get("domain")
+    cols = [c for c in ("input_ids", "attention_mask") if c in dataset.column_names]
+    tensors = dataset.with_format("torch", columns=cols)[:]
+    ids = tensors["input_ids"]
+    mask = tensors["attention_mask"] if "attention_mask" in cols else torch.ones_like(ids)
+    groups = list(dataset["domain"]) if "domain" in dataset.column_names else None
+    return ids, mask, groups
+
+
+@torch.no_grad()
+def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, layers=None, seed: int = 0,
+            progress: bool = True, min_tokens: int = 64) -> Observation:
+    """Run the calibration set through the model once and collect the statistics of every MoE layer.
+
+    Args:
+        model: a loaded transformers MoE model (any family moelab.models supports).
+        dataset: a ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask`` and
+            ``domain``, which gives per-domain counts), or an [N, L] tensor of token ids.
+        batch_size: rows per forward pass.
+        sample_size: size of the uniform sample of MoE inputs kept per layer (0 keeps none).
+        layers: decoder-layer indices of the MoE layers to observe (default all). With a single
+            layer the forward pass stops after that layer (used by ``observe_sequential``).
+        seed: seeds the input sample.
+        min_tokens: refuse calibration sets with fewer valid tokens than this.
+
+    Returns:
+        An ``Observation``.
+
+    Raises:
+        ValueError: empty or too-small calibration set, or a model with no MoE layers.
+    """
+    from tqdm.auto import tqdm
+
+    ids, mask, groups = _rows(dataset)
+    n_valid = int(mask.sum()) if ids.numel() else 0
+    if n_valid < min_tokens:
+        raise ValueError(f"calibration set has {n_valid} valid tokens, fewer than min_tokens={min_tokens}; "
+                         "build a larger one with moelab.data.calibration_set(tokens=...)")
+    moe = models.moe_layers(model)
+    if layers is not None:
+        wanted = set(layers)
+        moe = [l for l in moe if l.layer_idx in wanted]
+        if not moe:
+            raise ValueError(f"none of layers {sorted(wanted)} is an MoE layer of this model")
+    group_names = sorted(set(groups)) if groups else []
+    gen = torch.Generator().manual_seed(seed)
+    recorders = {}
+    for layer in moe:
+        st = LayerStats(layer.layer_idx, layer.num_experts, layer.top_k)
+        recorders[layer.layer_idx] = _Recorder(layer, st, sample_size, gen, group_names)
+    layer_cos: dict = {}
+    stop_after = moe[-1].layer_idx if layers is not None and len(moe) == 1 else None
+    device = next(model.parameters()).device
+    state = {"valid": None, "group": None}
+    was_training = model.training
+    model.eval()
+    with _observing(model, recorders, layer_cos, stop_after, state):
+        for i in tqdm(range(0, len(ids), batch_size), desc="observing", disable=not progress, mininterval=2):
+            x, m = ids[i:i + batch_size], mask[i:i + batch_size]
+            state["valid"] = m.reshape(-1).bool().to(device)
+            if groups:
+                g = torch.tensor([group_names.index(s) for s in groups[i:i + batch_size]])
+                state["group"] = g.repeat_interleave(x.shape[1]).to(device)
+            try:
+                model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    model.train(was_training)
+    out = Observation(layers={k: r.stats for k, r in recorders.items()},
+                      layer_cos={k: s / max(1, n) for k, (s, n) in sorted(layer_cos.items())},
+                      tokens=n_valid, groups=group_names)
+    for rec in recorders.values():
+        rec.stats._sample_keys = None
+        rec.stats.counts_by_group = {g: rec.group_counts[i] for i, g in enumerate(group_names)}
+    out.check_finite()
+    return out
+
+
+def observe_sequential(model, dataset, edit, **kwargs) -> dict:
+    """Observe and edit MoE layers one at a time, front to back (REAM, METHODS.md section 2).
+
+    Layer l is observed after layers before it were edited, so its calibration inputs pass
+    through the already-compressed earlier layers. Each pass stops after the observed layer.
+
+    Args:
+        model: the model to compress in place.
+        dataset: the calibration set (as for ``observe``).
+        edit: ``edit(layer_idx, LayerStats)`` compresses that layer in place.
+
+    Returns:
+        {layer_idx: LayerStats seen before that layer was edited}.
+    """
+    seen = {}
+    for layer in [l.layer_idx for l in models.moe_layers(model)]:
+        obs = observe(model, dataset, layers=[layer], **kwargs)
+        seen[layer] = obs[layer]
+        edit(layer, obs[layer])
+    return seen

@@ -1,0 +1,108 @@
+"""Expert pruning: keep the top experts of every MoE layer by an importance criterion.
+
+A composition of the shared parts: ``scores.importance`` ranks experts from an ``Observation``,
+``scores.select_top`` picks the survivors, ``models.prune_experts`` slices router rows and every
+expert-indexed tensor. Used by notebook 00 (frequency pruning by calibration domain) and as the
+frequency / REAP / EAN / random baselines of the paper notebooks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from . import models, scores
+
+
+def target_count(model, keep_ratio: float) -> int:
+    """Experts per layer left by keeping ``keep_ratio`` of them (rounded; validated by ``check_target``)."""
+    if not 0 < keep_ratio < 1:
+        raise ValueError(f"keep_ratio={keep_ratio} must lie strictly between 0 and 1")
+    current = models.moe_layers(model)[0].num_experts
+    n = max(1, int(round(current * keep_ratio)))
+    models.check_target(model, n)
+    return n
+
+
+def keep_by_importance(obs, criterion: str, num_experts: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The ``num_experts`` most important experts of every observed layer.
+
+    Args:
+        obs: an ``observe.Observation`` (or a dict {layer: LayerStats}).
+        criterion: an importance criterion of ``scores.CRITERIA`` (frequency, soft_logit, reap, ean, dern, random).
+        num_experts: experts kept per layer.
+        seed: seed of the random criterion.
+
+    Returns:
+        {layer index: LongTensor of kept expert indices, ascending}.
+    """
+    layers = obs.layers if hasattr(obs, "layers") else obs
+    return {l: scores.select_top(scores.importance(st, criterion, seed=seed), num_experts)
+            for l, st in layers.items()}
+
+
+def prune(model, obs, criterion: str = "frequency", *, num_experts: int | None = None,
+          keep_ratio: float | None = None, seed: int = 0, inplace: bool = False):
+    """Prune every MoE layer to its top experts by ``criterion`` (METHODS.md, expert importance).
+
+    Args:
+        model: the model (copied first unless ``inplace``).
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        criterion: importance criterion name.
+        num_experts / keep_ratio: the target count per layer (give one).
+        seed: seed of the random criterion.
+        inplace: edit ``model`` itself instead of a deep copy.
+
+    Returns:
+        (pruned model, {layer: kept expert indices}).
+    """
+    if (num_experts is None) == (keep_ratio is None):
+        raise ValueError("give exactly one of num_experts or keep_ratio")
+    n = target_count(model, keep_ratio) if num_experts is None else num_experts
+    models.check_target(model, n)
+    keep = keep_by_importance(obs, criterion, n, seed=seed)
+    out = model if inplace else copy.deepcopy(model)
+    models.prune_experts(out, {l: idx.tolist() for l, idx in keep.items()})
+    return out, keep
+
+
+def jaccard(a, b) -> float:
+    """Overlap |a & b| / |a | b| of two kept sets (1 = the same experts survive)."""
+    a, b = set(torch.as_tensor(a).tolist()), set(torch.as_tensor(b).tolist())
+    return len(a & b) / max(1, len(a | b))
+
+
+def calibration_sweep(model, tokenizer, mixes: dict, tasks, *, criterion: str = "frequency",
+                      keep_ratio: float = 0.5, calib_tokens: int = 32768, seq_len: int = 256, seed: int = 0,
+                      progress: bool = True):
+    """Prune with each calibration mix in turn and evaluate every task (notebook 00, section 4).
+
+    Args:
+        model, tokenizer: the model to prune (left untouched; each run prunes a copy).
+        mixes: {label: mix} with mixes as accepted by ``data.parse_mix`` (e.g. {"math": "0:1:0"}).
+        tasks: evaluation tasks (``moelab.evaluate``).
+        criterion, keep_ratio: what to keep (see ``prune``).
+        calib_tokens, seq_len: calibration set size.
+        seed: calibration order and random criterion.
+
+    Returns:
+        (tidy DataFrame of scores with a ``calibration`` column, {label: {layer: kept indices}}).
+    """
+    import pandas as pd
+
+    from . import data, evaluate, observe
+
+    frames, kept = [], {}
+    for label, mix in mixes.items():
+        calib = data.calibration_set(tokenizer, mix, tokens=calib_tokens, seq_len=seq_len, seed=seed)
+        obs = observe.observe(model, calib, seed=seed, progress=progress)
+        pruned, kept[label] = prune(model, obs, criterion, keep_ratio=keep_ratio, seed=seed)
+        frames.append(evaluate.evaluate(pruned, tokenizer, tasks, progress=progress).assign(calibration=label))
+        del pruned
+    return pd.concat(frames, ignore_index=True), kept
+
+
+def mean_overlap(kept_a: dict, kept_b: dict) -> float:
+    """Mean over layers of the Jaccard overlap of two {layer: kept indices} choices."""
+    return sum(jaccard(kept_a[l], kept_b[l]) for l in kept_a) / max(1, len(kept_a))

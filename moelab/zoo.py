@@ -1,0 +1,368 @@
+"""The embedded default model: a small Qwen3-MoE trained here, deterministically, on moelab.data.
+
+Nothing comes from the hub: a byte-level BPE tokenizer is trained on the train split, then the
+model is trained for a fixed number of steps on a general:math:code mix with the router
+load-balancing loss on. The result is a plain Hugging Face checkpoint (``AutoModelForCausalLM`` and
+``AutoTokenizer`` load it) cached under ``cache_dir()/zoo/<name>-<recipe hash>``, with the training
+curve (``training_curve.json``) and final per-domain metrics (``build_metrics.json``) beside it.
+
+``load(name_or_path)`` takes a zoo name ("qwen3-moe-15m", "smoke", ...), a local checkpoint or a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+from .kernels import KERNEL_NAME, register
+
+RECIPE_VERSION = 1  # bump when training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a zoo checkpoint; its hash names the cache entry."""
+
+    family: str = "qwen3_moe"      # qwen3_moe | mixtral | deepseek_v3
+    vocab_size: int = 8192         # byte-level BPE trained on the train split
+    hidden_size: int = 256
+    num_layers: int = 6            # enough depth for SlimQwen's layer-removal experiments
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    num_experts: int = 32
+    top_k: int = 4
+    expert_width: int = 128        # moe_intermediate_size
+    shared_expert_width: int = 0   # >0 adds a shared expert (deepseek_v3 style)
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch-style, transformers' own)
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 1500
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    mix: tuple = (1.0, 1.0, 1.0)   # training mix general:math:code
+    tokenizer_chars: int = 2_000_000  # characters per domain the tokenizer is trained on
+    eval_tokens: int = 65_536      # held-out tokens per domain for the final metrics
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "data": data.DATA_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# The zoo: short names for recipes. "qwen3-moe-15m" is the embedded default every notebook uses.
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, recipe: Recipe) -> None:
+    """Add a named recipe; refuses a duplicate name (so two recipes never share a cache name)."""
+    if name in RECIPES:
+        raise ValueError(f"zoo recipe {name!r} already exists; choose another name")
+    RECIPES[name] = recipe
+
+
+register_recipe("qwen3-moe-15m", Recipe())
+# Tests: the same architecture family, tiny and trained for seconds (routing still specialises).
+register_recipe("smoke", Recipe(vocab_size=2048, hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1,
+                                head_dim=32, num_experts=8, top_k=2, expert_width=32, seq_len=128, batch_size=8,
+                                steps=120, lr=5e-3, warmup=10, tokenizer_chars=300_000, eval_tokens=8192))
+register_recipe("mixtral-8x-small", Recipe(family="mixtral", num_experts=8, top_k=2, expert_width=256,
+                                           num_layers=6))
+register_recipe("deepseek-v3-small", Recipe(family="deepseek_v3", num_experts=32, top_k=4, expert_width=128,
+                                            shared_expert_width=128, num_layers=6))
+DEFAULT_MODEL = "qwen3-moe-15m"
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for python, numpy and torch (STYLE rule 5)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(recipe: Recipe, out_dir: Path):
+    """Train a byte-level BPE on the train split (equal characters per domain) and save it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def corpus():
+        for d in data.DOMAINS:
+            left = recipe.tokenizer_chars
+            for text in data.texts(d, "train"):
+                yield text[:left]
+                left -= len(text)
+                if left <= 0:
+                    break
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", model_max_length=4096)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+# ----------------------------------------------------------------------------- model config
+def build_config(recipe: Recipe, tokenizer):
+    """A transformers config for the recipe's family."""
+    common = dict(vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
+                  num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_kv_heads,
+                  max_position_embeddings=4096, tie_word_embeddings=True, num_experts_per_tok=recipe.top_k,
+                  router_aux_loss_coef=recipe.router_aux_loss_coef, output_router_logits=False,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if recipe.family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, head_dim=recipe.head_dim, num_experts=recipe.num_experts,
+                              moe_intermediate_size=recipe.expert_width, intermediate_size=4 * recipe.expert_width,
+                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if recipe.family == "mixtral":
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**common, head_dim=recipe.head_dim, num_local_experts=recipe.num_experts,
+                             intermediate_size=recipe.expert_width)
+    if recipe.family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        if recipe.shared_expert_width % recipe.expert_width:
+            raise ValueError("deepseek_v3 recipes need shared_expert_width to be a multiple of expert_width")
+        return DeepseekV3Config(**common, n_routed_experts=recipe.num_experts, moe_intermediate_size=recipe.expert_width,
+                                n_shared_experts=max(1, recipe.shared_expert_width // recipe.expert_width),
+                                intermediate_size=4 * recipe.expert_width, first_k_dense_replace=0, n_group=1,
+                                topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+                                q_lora_rank=None, kv_lora_rank=recipe.head_dim, qk_rope_head_dim=recipe.head_dim // 2,
+                                qk_nope_head_dim=recipe.head_dim // 2, v_head_dim=recipe.head_dim)
+    raise ValueError(f"unknown recipe family {recipe.family!r}; choose qwen3_moe, mixtral or deepseek_v3")
+
+
+# ----------------------------------------------------------------------------- training
+def _token_stream(tokenizer, domain: str, split: str, limit: int | None = None) -> np.ndarray:
+    ids: list[int] = []
+    docs = data.texts(domain, split)
+    for start in range(0, len(docs), 256):
+        for row in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(tokenizer.eos_token_id)
+        if limit is not None and len(ids) >= limit:
+            break
+    return np.asarray(ids[:limit] if limit else ids, dtype=np.int32)
+
+
+class _Batches:
+    """Deterministic batches: each row is a random window of one domain's token stream, domain
+    drawn by the mix, so every batch mixes domains (the router sees all of them at every step)."""
+
+    def __init__(self, streams: dict[str, np.ndarray], mix: dict[str, float], seq_len: int, batch: int, seed: int):
+        self.streams, self.seq_len, self.batch = streams, seq_len, batch
+        self.domains = [d for d in data.DOMAINS if mix[d] > 0]
+        self.p = np.array([mix[d] for d in self.domains])
+        self.p /= self.p.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def __next__(self) -> torch.Tensor:
+        rows = []
+        for d in self.rng.choice(len(self.domains), size=self.batch, p=self.p):
+            s = self.streams[self.domains[d]]
+            i = self.rng.integers(0, len(s) - self.seq_len - 1)
+            rows.append(s[i:i + self.seq_len])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+@torch.no_grad()
+def domain_perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> dict:
+    """Mean token NLL, perplexity and tokens over packed rows [N, L] (no padding)."""
+    model.eval()
+    nll, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        x = rows[i:i + batch_size]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        nll += loss.item()
+        n += x[:, 1:].numel()
+    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens": n}
+
+
+def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
+    """Build the recipe's tokenizer and model into ``out_dir`` (which must not exist yet)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    seed_everything(recipe.seed)
+    out_dir.mkdir(parents=True)
+    tokenizer = train_tokenizer(recipe, out_dir)
+    t_tok = time.time() - t0
+    config = build_config(recipe, tokenizer)
+    register()
+    config._experts_implementation = KERNEL_NAME
+    seed_everything(recipe.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.set_experts_implementation(KERNEL_NAME)
+    mix = data.parse_mix(recipe.mix)
+    need = recipe.steps * recipe.batch_size * recipe.seq_len
+    streams = {d: _token_stream(tokenizer, d, "train", limit=int(need * mix[d] * 1.5) + 4 * recipe.seq_len)
+               for d in data.DOMAINS if mix[d] > 0}
+    eval_rows = {}
+    for d in data.DOMAINS:
+        s = _token_stream(tokenizer, d, "eval", limit=recipe.eval_tokens + recipe.seq_len)
+        n = len(s) // recipe.seq_len
+        eval_rows[d] = torch.from_numpy(s[: n * recipe.seq_len].reshape(n, recipe.seq_len).astype(np.int64))
+    batches = _Batches(streams, mix, recipe.seq_len, recipe.batch_size, recipe.seed)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+
+    def lr_at(step):  # linear warmup, cosine decay to 10%
+        if step < recipe.warmup:
+            return recipe.lr * (step + 1) / recipe.warmup
+        frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    curve = []
+    model.train()
+    t_train = time.time()
+    bar = tqdm(range(recipe.steps), desc="training embedded MoE", disable=not progress, mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x = next(batches)
+        out = model(input_ids=x, labels=x, output_router_logits=recipe.router_aux_loss_coef > 0)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        aux = float(out.aux_loss) if getattr(out, "aux_loss", None) is not None else 0.0
+        lm = float(out.loss) - recipe.router_aux_loss_coef * aux
+        curve.append({"step": step, "lm_loss": lm, "aux_loss": aux, "lr": lr_at(step),
+                      "seconds": time.time() - t_train})
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{(step + 1) * x.numel() / (time.time() - t_train):.0f}")
+    train_seconds = time.time() - t_train
+    model.eval()
+    metrics = {"recipe": asdict(recipe), "recipe_key": recipe.key(),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "tokens_trained": recipe.steps * recipe.batch_size * recipe.seq_len,
+               "train_seconds": train_seconds, "tokenizer_seconds": t_tok,
+               "tokens_per_second": recipe.steps * recipe.batch_size * recipe.seq_len / train_seconds,
+               "torch_threads": torch.get_num_threads(), "eval": {}}
+    for d, rows in eval_rows.items():
+        metrics["eval"][d] = domain_perplexity(model, rows)
+        # Bits per byte make perplexities comparable across tokenizers.
+        n_bytes = sum(len(tokenizer.decode(r[1:]).encode()) for r in rows)
+        metrics["eval"][d]["bits_per_byte"] = metrics["eval"][d]["nll"] * metrics["eval"][d]["tokens"] / n_bytes / math.log(2)
+    metrics["build_seconds"] = time.time() - t0
+    model.config._experts_implementation = None  # a saved checkpoint must not need moelab to load
+    model.save_pretrained(out_dir)
+    (out_dir / "training_curve.json").write_text(json.dumps(curve))
+    (out_dir / "build_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return out_dir
+
+
+def path_of(name: str) -> Path:
+    """Cache directory of a zoo recipe (built or not)."""
+    recipe = RECIPES[name]
+    return data.cache_dir() / "zoo" / f"{name}-{recipe.key()}"
+
+
+def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False) -> Path:
+    """Build a zoo model on first use and return its directory (cached; ``force`` rebuilds).
+
+    Builds into a temporary directory and renames it into place, so an interrupted build never
+    leaves a half checkpoint behind.
+    """
+    if name not in RECIPES:
+        raise KeyError(f"no zoo model named {name!r}; known: {sorted(RECIPES)}")
+    final = path_of(name)
+    if final.exists() and not force:
+        return final
+    tmp = final.with_name(final.name + f".building-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    torch_threads = torch.get_num_threads()
+    try:
+        train(RECIPES[name], tmp, progress=progress)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        torch.set_num_threads(torch_threads)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(name_or_path: str) -> str:
+    """A zoo name becomes its (built) cache directory; paths and hub ids pass through."""
+    if name_or_path in RECIPES:
+        return str(build(name_or_path))
+    return name_or_path
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast_kernel: bool = True, **kwargs):
+    """Load a model and its tokenizer by zoo name, local path or hub id.
+
+    Args:
+        name_or_path: a zoo name (built on first use), a local checkpoint, or a hub id.
+        device_map, dtype: handed to ``from_pretrained`` (``device_map="auto"`` spreads a large
+            model over GPUs, CPU and disk with accelerate).
+        fast_kernel: use moelab's sorted experts kernel (needed for observation).
+
+    Returns:
+        (model in eval mode, tokenizer)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
+    if fast_kernel and model._can_set_experts_implementation():
+        register()
+        model.set_experts_implementation(KERNEL_NAME)
+    model.eval()
+    return model, tokenizer
+
+
+def build_metrics(name_or_path: str) -> dict:
+    """The training metrics stored beside a zoo checkpoint."""
+    return json.loads((Path(resolve(name_or_path)) / "build_metrics.json").read_text())
+
+
+def training_curve(name_or_path: str) -> list | None:
+    """The training curve stored beside a zoo checkpoint (None for models moelab did not train)."""
+    path = Path(resolve(name_or_path)) / "training_curve.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def model_card(model) -> dict:
+    """Key facts of a loaded MoE model: family, layers, experts, top-k, widths, parameter count."""
+    from . import models
+
+    layers = models.moe_layers(model)
+    first = layers[0]
+    return {"family": model.config.model_type, "class": type(model).__name__,
+            "decoder layers": model.config.num_hidden_layers, "MoE layers": len(layers),
+            "experts per layer": first.num_experts, "top-k": first.top_k, "hidden size": first.hidden_size,
+            "expert width": first.intermediate_size, "routing": first.routing,
+            "parameters (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}

@@ -1,0 +1,76 @@
+import pytest
+
+from moelab import data
+
+
+def test_splits_are_disjoint_and_deterministic():
+    for domain in data.DOMAINS:
+        keys = {s: [d.key for d in data.documents(domain, s)] for s in data.SPLITS}
+        texts = {s: set(data.texts(domain, s)) for s in data.SPLITS}
+        for s in data.SPLITS:
+            assert keys[s], f"{domain}/{s} is empty"
+        assert not set(keys["train"]) & set(keys["eval"])
+        assert not set(keys["train"]) & set(keys["calib"])
+        assert not set(keys["calib"]) & set(keys["eval"])
+        # no held-out text appears verbatim in training
+        assert not texts["train"] & texts["eval"]
+        assert not texts["train"] & texts["calib"]
+    assert data.split_of("wiki/Anarchism/0") == data.split_of("wiki/Anarchism/0")
+
+
+def test_domains_have_expected_content():
+    general = data.texts("general", "eval")
+    math = data.texts("math", "eval")
+    code = data.texts("code", "eval")
+    assert sum(len(t) for t in general) > 50_000 and "'''" not in "".join(general)
+    assert all(t.startswith("Question:") and "\n#### " in t for t in math[:50])
+    assert any("def " in t for t in code)
+    probs = data.math_problems("eval", 20)
+    assert all(p["answer"] for p in probs)
+
+
+def test_math_splits_do_not_share_questions():
+    train = {p["question"] for p in data.math_problems("train")}
+    held = {p["question"] for s in ("calib", "eval") for p in data.math_problems(s)}
+    assert not train & held
+
+
+@pytest.mark.parametrize("mix,expected", [
+    ("1:1:1", {"general": 1 / 3, "math": 1 / 3, "code": 1 / 3}),
+    ("0:0.3:0.7", {"general": 0.0, "math": 0.3, "code": 0.7}),
+    ("math", {"general": 0.0, "math": 1.0, "code": 0.0}),
+    ((2, 0, 2), {"general": 0.5, "math": 0.0, "code": 0.5}),
+    ({"code": 1}, {"general": 0.0, "math": 0.0, "code": 1.0}),
+])
+def test_parse_mix(mix, expected):
+    got = data.parse_mix(mix)
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad", ["1:2", "a:b:c", (0, 0, 0), (-1, 1, 1), {"poetry": 1}])
+def test_parse_mix_rejects_bad_input(bad):
+    with pytest.raises(ValueError, match="mix"):
+        data.parse_mix(bad)
+
+
+def test_calibration_set_mix_budget_and_cache(smoke, tmp_path, monkeypatch):
+    _, tok = smoke
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    ds = data.calibration_set(tok, "0:0.25:0.75", tokens=4096, seq_len=128)
+    assert len(ds) == 32
+    assert all(len(r) == 128 for r in ds["input_ids"])
+    counts = {d: ds["domain"].count(d) for d in data.DOMAINS}
+    assert counts == {"general": 0, "math": 8, "code": 24}
+    again = data.calibration_set(tok, "0:0.25:0.75", tokens=4096, seq_len=128)
+    assert again["input_ids"] == ds["input_ids"]
+    assert list((tmp_path / "calib").iterdir()), "calibration set was not cached"
+    other = data.calibration_set(tok, "0:0.25:0.75", tokens=4096, seq_len=128, seed=1)
+    assert other["input_ids"] != ds["input_ids"]
+
+
+def test_calibration_set_errors(smoke):
+    _, tok = smoke
+    with pytest.raises(ValueError, match="token budget"):
+        data.calibration_set(tok, "1:1:1", tokens=10, seq_len=128)
+    with pytest.raises(ValueError, match="fewer than"):
+        data.calibration_set(tok, "general", tokens=50_000_000, seq_len=128, cache=False)

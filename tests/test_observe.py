@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+
+from moelab import data, models, observe
+
+
+@pytest.fixture(scope="module")
+def calib(smoke):
+    _, tok = smoke
+    return data.calibration_set(tok, "1:1:1", tokens=3072, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def obs(smoke, calib):
+    model, _ = smoke
+    return observe.observe(model, calib, progress=False)
+
+
+def _brute_force(model, ids):
+    """Per layer: routing and expert outputs recomputed from the adapter, token by token."""
+    captured = {}
+    layers = {l.layer_idx: l for l in models.moe_layers(model)}
+    hooks = [l.block.register_forward_pre_hook(lambda m, a, idx=i: captured.__setitem__(idx, a[0].reshape(-1, a[0].shape[-1])))
+             for i, l in layers.items()]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for i, layer in layers.items():
+        x = captured[i]
+        r = layer.route(x)
+        E = layer.num_experts
+        counts = torch.zeros(E, dtype=torch.float64)
+        reap = torch.zeros(E, dtype=torch.float64)
+        ean = torch.zeros(E, dtype=torch.float64)
+        for e in range(E):
+            tok = (r.topk_idx == e).any(-1)
+            if tok.any():
+                y = layer.expert_forward(e, x[tok])
+                n = y.norm(dim=-1).double()
+                counts[e] = tok.sum()
+                reap[e] = (r.probs[tok, e].double() * n).sum()
+                ean[e] = n.sum()
+        out[i] = (counts, reap, ean, r.probs.double().sum(0))
+    return out
+
+
+def test_statistics_match_brute_force(smoke, calib, obs):
+    model, _ = smoke
+    ids = torch.as_tensor(calib["input_ids"])
+    brute = _brute_force(model, ids)
+    for i, st in obs.layers.items():
+        counts, reap, ean, soft = brute[i]
+        assert st.tokens == ids.numel()
+        assert torch.equal(st.counts, counts)
+        assert float(st.counts.sum()) == st.top_k * st.tokens
+        torch.testing.assert_close(st.reap_sum, reap, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(st.ean_sum, ean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(st.soft_mass, soft, rtol=1e-4, atol=1e-3)
+        assert st.input_sample.shape[0] == min(512, st.tokens)
+        assert abs(float(st.frequency.sum()) - 1) < 1e-9
+
+
+def test_padding_is_ignored(smoke, calib, obs):
+    model, _ = smoke
+    ids = torch.as_tensor(calib["input_ids"])
+    mask = torch.ones_like(ids)
+    # append padded junk rows: the statistics must not change
+    junk = torch.randint(0, 100, (4, ids.shape[1]))
+    ds = {"input_ids": torch.cat([ids, junk]), "attention_mask": torch.cat([mask, torch.zeros_like(junk)])}
+    import datasets
+    padded = observe.observe(model, datasets.Dataset.from_dict({k: v.tolist() for k, v in ds.items()}), progress=False)
+    for i, st in obs.layers.items():
+        assert padded[i].tokens == st.tokens
+        assert torch.equal(padded[i].counts, st.counts)
+        torch.testing.assert_close(padded[i].reap_sum, st.reap_sum)
+
+
+def test_domain_shares_and_depth_cosines(obs, smoke):
+    model, _ = smoke
+    for st in obs.layers.values():
+        names, share = st.group_share()
+        assert names == ["code", "general", "math"]
+        used = st.counts > 0
+        torch.testing.assert_close(share.sum(0)[used], torch.ones(int(used.sum()), dtype=share.dtype))
+        assert sum(st.counts_by_group[g].sum() for g in names) == st.counts.sum()
+        assert 1 / 3 - 1e-9 <= st.main_group_share() <= 1
+    assert sorted(obs.layer_cos) == list(range(model.config.num_hidden_layers))
+    assert all(-1 <= c <= 1 for c in obs.layer_cos.values())
+
+
+def test_sequential_observes_edited_layers(smoke, calib):
+    model, _ = smoke
+    model = copy.deepcopy(model)
+    seen_counts = []
+
+    def edit(layer_idx, stats):
+        seen_counts.append(stats.num_experts)
+        keep = torch.argsort(stats.counts, descending=True)[: stats.num_experts // 2].sort().values
+        models.prune_experts_layer(model, layer_idx, keep.tolist()) if hasattr(models, "prune_experts_layer") else None
+    seen = observe.observe_sequential(model, calib, edit, progress=False)
+    assert sorted(seen) == [l.layer_idx for l in models.moe_layers(model)]
+    assert all(st.tokens == len(calib) * 128 for st in seen.values())
+
+
+def test_too_small_calibration_set_is_refused(smoke):
+    model, _ = smoke
+    with pytest.raises(ValueError, match="min_tokens"):
+        observe.observe(model, torch.zeros(1, 8, dtype=torch.long), progress=False)
+
+
+def test_stopping_after_one_layer_gives_the_same_statistics(smoke, calib, obs):
+    model, _ = smoke
+    one = observe.observe(model, calib, layers=[1], progress=False)
+    assert list(one.layers) == [1]
+    assert torch.equal(one[1].counts, obs[1].counts)
