@@ -122,7 +122,8 @@ def _bar(iterable, total: int | None, desc: str, progress: bool):
 
 @torch.inference_mode()
 def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], *, batch_size: int = 8,
-                  max_length: int | None = None, progress: bool = False) -> list[tuple[float, int, bool]]:
+                  max_length: int | None = None, share_context: bool | None = None,
+                  progress: bool = False) -> list[tuple[float, int, bool]]:
     """Log-probability of each continuation given its context, batched with right padding.
 
     Args:
@@ -130,8 +131,12 @@ def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], *, batc
         tokenizer: its tokenizer (``tokenizer(list, add_special_tokens=False)``, bos/eos/pad ids).
         requests: (context, continuation) pairs; the context is prefixed with BOS (EOS if none) and
             truncated from the left to fit ``max_length`` tokens.
-        batch_size: sequences per forward pass.
+        batch_size: sequences (with ``share_context``: contexts) per forward pass.
         max_length: longest input (default: the model's positions, at most 2048).
+        share_context: run each distinct context once and its continuations on its KV cache
+            (2-3x fewer tokens for MC items). None: when the model is a transformers model (has a
+            generation config) and some context has several continuations; models whose forward
+            returns no cache fall back to whole sequences.
 
     Returns:
         Per request: (sum of log-probs of the continuation tokens, their number, whether every
@@ -146,45 +151,124 @@ def loglikelihood(model, tokenizer, requests: Iterable[tuple[str, str]], *, batc
     cont_ids = dict(zip(cont_texts, _encode(tokenizer, cont_texts)))
     prefix = _prefix_ids(tokenizer)
     results: dict[tuple[str, str], tuple[float, int, bool]] = {}
-    work = []  # (key, input ids, continuation targets)
+    groups: dict[str, list[tuple[tuple[str, str], list[int]]]] = {}
     for key in uniq:
-        ctx, cont = prefix + ctx_ids[key[0]], cont_ids[key[1]]
+        cont = cont_ids[key[1]][-max_length:]
         if not cont:
             results[key] = (0.0, 0, True)
-            continue
-        if not ctx:
+        elif not prefix and not ctx_ids[key[0]]:
             raise ValueError("cannot score a continuation with an empty context: the tokenizer has no BOS or EOS "
                              "token to condition on; give every request a non-empty context")
-        full = (ctx + cont)[-(max_length + 1):]
-        n = min(len(cont), len(full) - 1)
-        work.append((key, full[:-1], full[-n:]))
+        else:
+            groups.setdefault(key[0], []).append((key, cont))
+    if share_context is None:
+        share_context = hasattr(model, "generation_config") and any(len(g) > 1 for g in groups.values())
+    shared = None
+    if share_context and groups:
+        shared = _ll_shared(model, [(prefix + ctx_ids[c], g) for c, g in groups.items()], batch_size, max_length,
+                            _pad_id(tokenizer), progress)
+    if shared is None:  # whole sequences: context + continuation in one row
+        work = []
+        for c, group in groups.items():
+            for key, cont in group:
+                full = (prefix + ctx_ids[c] + cont)[-(max_length + 1):]
+                work.append((key, full[:-1], full[-len(cont):]))
+        shared = _ll_plain(model, work, batch_size, _pad_id(tokenizer), progress)
+    results.update(shared)
+    return [results[r] for r in requests]
+
+
+def _pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _sum_logprobs(logits: torch.Tensor, owner: list[int], targets: list[int], n: int):
+    """Sums of target log-probs and counts of non-argmax targets per owner, from [T, V] logits."""
+    owner_t = torch.tensor(owner, device=logits.device)
+    tgt = torch.tensor(targets, device=logits.device)
+    logp = logits.float().log_softmax(-1)
+    tok = logp.gather(1, tgt[:, None]).squeeze(1).double()
+    missed = (logp.argmax(-1) != tgt).double()
+    sums = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, owner_t, tok)
+    misses = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add_(0, owner_t, missed)
+    return sums.tolist(), misses.tolist()
+
+
+def _ll_plain(model, work, batch_size, pad, progress) -> dict:
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
-    work.sort(key=lambda w: -len(w[1]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    work = sorted(work, key=lambda w: -len(w[1]))
+    device, out = _device(model), {}
     batches = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
     for batch in _bar(batches, len(batches), "log-likelihood", progress):
-        width = len(batch[0][1])
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        ids, mask = _pad_rows([inp for _, inp, _ in batch], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         rows, pos, tgt = [], [], []
         for i, (_, inp, target) in enumerate(batch):
-            ids[i, :len(inp)] = torch.tensor(inp)
-            mask[i, :len(inp)] = 1
-            start = len(inp) - len(target)
             rows += [i] * len(target)
-            pos += range(start, len(inp))
+            pos += range(len(inp) - len(target), len(inp))
             tgt += target
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        rows_t, tgt_t = torch.tensor(rows, device=logits.device), torch.tensor(tgt, device=logits.device)
         # Only the continuation positions go through log_softmax: a full [B, L, V] one is wasted work.
-        logp = logits[rows_t, torch.tensor(pos, device=logits.device)].float().log_softmax(-1)
-        tok_lp = logp.gather(1, tgt_t[:, None]).squeeze(1).double()
-        missed = (logp.argmax(-1) != tgt_t).double()
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=logits.device).index_add_(0, rows_t, tok_lp)
-        misses = torch.zeros(len(batch), dtype=torch.float64, device=logits.device).index_add_(0, rows_t, missed)
+        sel = logits[torch.tensor(rows, device=logits.device), torch.tensor(pos, device=logits.device)]
+        sums, misses = _sum_logprobs(sel, rows, tgt, len(batch))
         for i, (key, _, target) in enumerate(batch):
-            results[key] = (float(sums[i]), len(target), bool(misses[i] == 0))
-    return [results[r] for r in requests]
+            out[key] = (sums[i], len(target), misses[i] == 0)
+    return out
+
+
+def _ll_shared(model, groups, batch_size, max_length, pad, progress) -> dict | None:
+    """Each context once (right padded, cached), then all its continuations on a copy of its cache.
+
+    Continuation rows hold [context | padding | continuation]: the attention mask hides the padding
+    and explicit position ids continue each context's own positions. Returns None when the model
+    returns no cache (the caller then scores whole sequences).
+    """
+    import copy
+
+    device, out = _device(model), {}
+    # Contexts are cut so that the longest continuation of each still fits max_length.
+    groups = [(ctx[-(max_length + 1 - max(len(c) for _, c in g)):], g) for ctx, g in groups]
+    groups.sort(key=lambda cg: -len(cg[0]))
+    batches = [groups[i:i + batch_size] for i in range(0, len(groups), batch_size)]
+    for batch in _bar(batches, len(batches), "log-likelihood", progress):
+        ids, mask = _pad_rows([ctx for ctx, _ in batch], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        res = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = getattr(res, "past_key_values", None)
+        if cache is None or not hasattr(cache, "reorder_cache"):
+            return None
+        lens = mask.sum(1)
+        first = res.logits[torch.arange(len(batch), device=device), lens - 1]  # predicts each first token
+        conts = [(g, key, cont) for g, (_, group) in enumerate(batch) for key, cont in group]
+        step = 4 * batch_size  # continuation rows per pass (a standard 4-way MC batch in one)
+        for start in range(0, len(conts), step):
+            chunk = conts[start:start + step]
+            kv = cache if len(conts) <= step else copy.deepcopy(cache)
+            idx = torch.tensor([g for g, _, _ in chunk], device=device)
+            kv.reorder_cache(idx)  # one cache row per continuation (index_select copies)
+            x_ids, x_mask = _pad_rows([cont[:-1] or [pad] for _, _, cont in chunk], pad)
+            x_ids, x_mask = x_ids.to(device), x_mask.to(device)
+            for r, (_, _, cont) in enumerate(chunk):
+                x_mask[r, :len(cont) - 1] = 1
+                x_mask[r, len(cont) - 1:] = 0
+            pos = lens[idx][:, None] + torch.arange(x_ids.shape[1], device=device)[None]
+            logits = model(input_ids=x_ids, attention_mask=torch.cat([mask[idx], x_mask], 1), position_ids=pos,
+                           past_key_values=kv, use_cache=True).logits
+            sel, owner, tgt = [], [], []
+            for r, (g, _, cont) in enumerate(chunk):
+                sel.append(first[g:g + 1])
+                sel.append(logits[r, :len(cont) - 1])
+                owner += [r] * len(cont)
+                tgt += cont
+            sums, misses = _sum_logprobs(torch.cat(sel), owner, tgt, len(chunk))
+            for r, (_, key, cont) in enumerate(chunk):
+                out[key] = (sums[r], len(cont), misses[r] == 0)
+    return out
 
 
 class _StopOnText:
@@ -488,22 +572,41 @@ def _norm(s: str) -> str:
     return " ".join(s.split())
 
 
-def _pick_distractors(true: str, pool: list[tuple[int, str]], source: int, rng: np.random.Generator, k: int = 3,
-                      length_ratio: float = 1.5) -> list[str]:
-    """k strings from ``pool`` (source id, text) of other sources, of similar length, distinct."""
-    taken = {_norm(true)}
-    out: list[str] = []
-    for ratio in (length_ratio, 3.0, float("inf")):  # widen the length window only if it runs dry
-        for idx in rng.permutation(len(pool)):
-            src, text = pool[idx]
-            key = _norm(text)
-            if src == source or key in taken or not (len(true) / ratio <= len(text) <= len(true) * ratio):
-                continue
-            taken.add(key)
-            out.append(text)
-            if len(out) == k:
-                return out
-    raise ValueError(f"could not find {k} distractors for {true!r}: the pool is too small")
+class _Pool:
+    """Distractor candidates (source id, text) sorted by length, for length-matched draws."""
+
+    def __init__(self, items: list[tuple[int, str]], weights: dict[int, float] | None = None):
+        self.items = sorted(items, key=lambda it: (len(it[1]), it[1], it[0]))
+        self.lengths = [len(t) for _, t in self.items]
+        self.weights = weights
+
+    def draw(self, true: str, source: int, rng: np.random.Generator, k: int = 3, near: int = 8) -> list[str]:
+        """k distinct texts of other sources, drawn at random among the ``near`` closest in length
+        (with probability proportional to their source's weight, when the pool has weights).
+
+        Matching lengths keeps summed log-probs from favouring short choices: otherwise a model that
+        ignores the context would score above or below chance depending on the length mix alone.
+        """
+        import bisect
+
+        taken, cands = {_norm(true)}, []
+        hi = bisect.bisect_left(self.lengths, len(true))
+        lo = hi - 1
+        while len(cands) < near and (lo >= 0 or hi < len(self.items)):
+            use_hi = lo < 0 or (hi < len(self.items) and self.lengths[hi] - len(true) <= len(true) - self.lengths[lo])
+            idx = hi if use_hi else lo
+            hi, lo = (hi + 1, lo) if use_hi else (hi, lo - 1)
+            src, text = self.items[idx]
+            if src != source and _norm(text) not in taken:
+                taken.add(_norm(text))
+                cands.append((src, text))
+        if len(cands) < k:
+            raise ValueError(f"could not find {k} distractors for {true!r}: the pool is too small")
+        p = None
+        if self.weights is not None:
+            p = np.array([self.weights[src] for src, _ in cands], dtype=float)
+            p /= p.sum()
+        return [cands[i][1] for i in rng.choice(len(cands), size=k, replace=False, p=p)]
 
 
 def _assemble(context: str, sep: str, true: str, distractors: list[str], rng: np.random.Generator, **meta) -> dict:
@@ -526,6 +629,7 @@ def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
             # A split after an abbreviation ("Dr.", "U.S.") is no sentence boundary: no target there.
             if k >= 1 and not _ABBREV.search(text[sp[k - 1][0]:sp[k - 1][1]]):
                 candidates.append((d, k))
+    pool = _Pool(pool)
     rng = np.random.default_rng([seed, _SALT["general"]])
     out = []
     for c in rng.permutation(len(candidates))[:n]:
@@ -540,7 +644,7 @@ def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
         sep = text[sp[k - 1][1]:sp[k][0]]
         sep = "\n\n" if "\n" in sep else " "
         true = text[sp[k][0]:sp[k][1]]
-        out.append(_assemble(context, sep, true, _pick_distractors(true, pool, d, rng), rng,
+        out.append(_assemble(context, sep, true, pool.draw(true, d, rng), rng,
                              source=f"general/{d}/{k}"))
     return out
 
@@ -571,12 +675,10 @@ def _code_lines(text: str) -> tuple[list[str], list[bool]]:
     return lines, good
 
 
-def _code_items(n: int, seed: int, salt: int, context_chars: int
-                ) -> tuple[list[dict], list[tuple[int, str]], np.random.Generator]:
-    """Held-out (context, target line) pairs from the code eval split, with the distractor pool."""
+def _code_items(n: int, seed: int, salt: int, context_chars: int) -> tuple[list[dict], list, np.random.Generator]:
+    """Held-out (context, target line) pairs from the code eval split, the parsed files and the rng."""
     files = data.texts("code", "eval")
     parsed = [_code_lines(t) for t in files]
-    pool = [(f, lines[j].strip()) for f, (lines, good) in enumerate(parsed) for j in range(len(lines)) if good[j]]
     rng = np.random.default_rng([seed, salt])
     per_file = [[j for j in rng.permutation(len(lines)) if j >= 2 and good[j]] for lines, good in parsed]
     # Files take turns (round robin in a seeded order): drawing lines uniformly would let the few
@@ -600,15 +702,33 @@ def _code_items(n: int, seed: int, salt: int, context_chars: int
                       "indent": target[:len(target) - len(target.lstrip())], "target": target.strip()})
         if len(items) == n:
             break
-    return items, pool, rng
+    return items, parsed, rng
 
 
 def _code_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
-    items, pool, rng = _code_items(n, seed, _SALT["code"], context_chars)
+    items, parsed, rng = _code_items(n, seed, _SALT["code"], context_chars)
+    # Distractors come from lines in the same slot: same indentation, and after a blank line when the
+    # true one is. A line moved to another depth ("return" at column 0), or a mid-block line after a
+    # blank line (where blocks start: "def", "class"), is told apart without reading the context.
+    # Lines are weighted by 1 / (their file's line count): items take files in turn, so unweighted
+    # distractors would come mostly from a few large files (codec tables), and that mismatch alone
+    # lets a model that ignores the context score off chance.
+    by_slot: dict[tuple[str, bool], list[tuple[int, str]]] = {}
+    weights = {f: 1.0 / max(1, sum(good)) for f, (_, good) in enumerate(parsed)}
+    for f, (lines, good) in enumerate(parsed):
+        for j, (line, ok) in enumerate(zip(lines, good)):
+            if ok:
+                slot = (line[:len(line) - len(line.lstrip())], j > 0 and not lines[j - 1].strip())
+                by_slot.setdefault(slot, []).append((f, line.strip()))
+    pools = {slot: _Pool(v, weights) for slot, v in by_slot.items()}
+    anywhere = _Pool([it for v in by_slot.values() for it in v], weights)
     out = []
     for it in items:
-        # Distractors take the true line's indentation, so indentation alone never gives the answer away.
-        ds = _pick_distractors(it["target"], pool, it["file"], rng)
+        slot = (it["indent"], it["sep"].count("\n") > 1)
+        try:
+            ds = pools[slot].draw(it["target"], it["file"], rng, near=24)
+        except (KeyError, ValueError):  # a rare slot: take any lines, re-indented like the true one
+            ds = anywhere.draw(it["target"], it["file"], rng, near=24)
         out.append(_assemble(it["context"], it["sep"] + it["indent"], it["target"], ds, rng,
                              source=f"code/{it['file']}/{it['line']}"))
     return out
@@ -674,7 +794,9 @@ def _perturb(gold: str, rng: np.random.Generator) -> list[str]:
     sign = -1.0 if v < 0 else 1.0
     out = [_format_like(sign * c, gold) for c in sorted(cands) if c >= 0 and not math.isclose(c, m)]
     out = list(dict.fromkeys(o for o in out if not answers_match(o, gold)))
-    return [out[i] for i in rng.permutation(len(out))]
+    out = [out[i] for i in rng.permutation(len(out))]
+    # Small answers (0, 1) have few neighbours above: append further offsets so k are always found.
+    return out + [_format_like(sign * (m + d * unit), gold) for d in range(3, 12)]
 
 
 def _math_distractors(gold: str, source: str, others: list[tuple[str, str]], rng: np.random.Generator,

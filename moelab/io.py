@@ -154,7 +154,10 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if pd is not None and isinstance(obj, pd.DataFrame):
-        return _jsonable(obj.to_dict(orient="records"))
+        plain_index = isinstance(obj.index, pd.RangeIndex)
+        return _jsonable(obj.to_dict(orient="records" if plain_index else "index"))
+    if pd is not None and isinstance(obj, pd.Series):
+        return _jsonable(obj.to_dict())
     if isinstance(obj, torch.Tensor):
         return _jsonable(obj.detach().cpu().tolist())
     if isinstance(obj, np.ndarray):

@@ -349,7 +349,15 @@ def _ensure_editable(model: nn.Module) -> None:
 def _replace(module: nn.Module, name: str, value: Tensor) -> None:
     """Replace a parameter or buffer by a fresh tensor (old dtype/device, own storage)."""
     old = getattr(module, name)
-    value = value.detach().to(dtype=old.dtype, device=old.device).contiguous().clone()
+    value = value.detach().to(dtype=old.dtype, device=old.device)
+    # copy only when needed: a view, a non-contiguous tensor, or storage shared with the old tensor
+    storage = value.untyped_storage()
+    if (
+        not value.is_contiguous()
+        or storage.nbytes() != value.numel() * value.element_size()
+        or (old.device.type != "meta" and storage.data_ptr() == old.untyped_storage().data_ptr())
+    ):
+        value = value.clone(memory_format=torch.contiguous_format)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
     else:  # a buffer; keep its persistence
@@ -1090,9 +1098,12 @@ def set_experts(
     why = _count_ok(layer, n)
     if why is not None:
         raise ValueError(f"set_experts: {why}")
+    # gate/up are concatenated into new tensors anyway; copy the rest so the model never aliases
+    # tensors the caller still holds
+    weights = {k: (v.detach().clone() if k.startswith("down") else v) for k, v in weights.items()}
     layer._write_experts(weights)
-    _replace(layer.router, layer.spec.router_weight, router_weight)
-    layer._write_indexed(expert_indexed, n)
+    _replace(layer.router, layer.spec.router_weight, router_weight.detach().clone())
+    layer._write_indexed({k: v.detach().clone() for k, v in expert_indexed.items()}, n)
     layer._set_count(n)
     all_layers = list(layers.values())
     if _counts_equal(all_layers):

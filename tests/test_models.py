@@ -34,9 +34,13 @@ TOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
-def _float32_and_seed():
+def _seed_and_one_thread():
+    # tiny models: one intra-op thread is faster than two fighting over a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 def _ids(vocab=128, seed=0):

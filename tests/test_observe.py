@@ -92,18 +92,25 @@ def test_domain_shares_and_depth_cosines(obs, smoke):
     assert all(-1 <= c <= 1 for c in obs.layer_cos.values())
 
 
-def test_sequential_observes_edited_layers(smoke, calib):
+def test_sequential_observes_edited_layers(smoke, calib, obs):
     model, _ = smoke
     model = copy.deepcopy(model)
-    seen_counts = []
 
     def edit(layer_idx, stats):
-        seen_counts.append(stats.num_experts)
+        layer = {l.layer_idx: l for l in models.moe_layers(model)}[layer_idx]
         keep = torch.argsort(stats.counts, descending=True)[: stats.num_experts // 2].sort().values
-        models.prune_experts_layer(model, layer_idx, keep.tolist()) if hasattr(models, "prune_experts_layer") else None
+        weights = {k: v[keep] for k, v in layer.expert_weights().items()}
+        indexed = {k: v[keep] for k, v in layer.expert_indexed().items()}
+        models.set_experts(model, layer_idx, weights, layer.router_weight()[keep], indexed)
+
     seen = observe.observe_sequential(model, calib, edit, progress=False)
-    assert sorted(seen) == [l.layer_idx for l in models.moe_layers(model)]
+    order = [l.layer_idx for l in models.moe_layers(model)]
+    assert sorted(seen) == order
     assert all(st.tokens == len(calib) * 128 for st in seen.values())
+    # the first layer sees the original model; later layers see inputs changed by earlier edits
+    assert torch.equal(seen[order[0]].counts, obs[order[0]].counts)
+    assert not torch.equal(seen[order[1]].counts, obs[order[1]].counts)
+    assert all(l.num_experts == obs[l.layer_idx].num_experts // 2 for l in models.moe_layers(model))
 
 
 def test_too_small_calibration_set_is_refused(smoke):
