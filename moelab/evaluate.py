@@ -29,6 +29,7 @@ Conventions shared by every task:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -52,10 +53,10 @@ __all__ = [
     "Score", "Task", "PerplexityTask", "ChoiceTask", "GenerationTask", "MathGenTask", "CodeLineTask",
     "HumanEvalTask", "perplexity_task", "continuation_mc_task", "jsonl_mc_task", "math_gen_task",
     "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
-    "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS",
+    "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS", "KINDS",
 ]
 
-KINDS = ("ppl", "mc", "gen")
+KINDS = ("ppl", "mc", "gen")  # Task.kind values: perplexity, multiple choice, generation
 # Salts keep the random streams of different tasks apart when they share a seed.
 _SALT = {"general": 11, "math": 23, "code": 37, "math_gen": 41, "code_gen": 53}
 
@@ -112,12 +113,12 @@ def _split_trailing_ws(context: str, continuation: str) -> tuple[str, str]:
     return stripped, context[len(stripped):] + continuation
 
 
-def _bar(iterable, total: int | None, desc: str, progress: bool):
+def _bar(iterable, total: int | None, desc: str, progress: bool, leave: bool = False):
     if not progress:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1)
+    return tqdm(iterable, total=total, desc=desc, leave=leave, mininterval=1)
 
 
 @torch.inference_mode()
@@ -251,11 +252,11 @@ def _ll_shared(model, groups, batch_size, max_length, pad, progress) -> dict | N
             kv = cache if len(conts) <= step else copy.deepcopy(cache)
             idx = torch.tensor([g for g, _, _ in chunk], device=device)
             kv.reorder_cache(idx)  # one cache row per continuation (index_select copies)
+            # A continuation's last token is only a target; a one-token continuation feeds a masked pad.
             x_ids, x_mask = _pad_rows([cont[:-1] or [pad] for _, _, cont in chunk], pad)
-            x_ids, x_mask = x_ids.to(device), x_mask.to(device)
             for r, (_, _, cont) in enumerate(chunk):
-                x_mask[r, :len(cont) - 1] = 1
                 x_mask[r, len(cont) - 1:] = 0
+            x_ids, x_mask = x_ids.to(device), x_mask.to(device)
             pos = lens[idx][:, None] + torch.arange(x_ids.shape[1], device=device)[None]
             logits = model(input_ids=x_ids, attention_mask=torch.cat([mask[idx], x_mask], 1), position_ids=pos,
                            past_key_values=kv, use_cache=True).logits
@@ -528,9 +529,11 @@ class GenerationTask(Task):
         return text.strip()
 
     def is_correct(self, example: dict, prediction: str) -> bool:
+        """Whether one prediction is right."""
         return prediction == example["target"]
 
     def check_all(self, examples: list[dict], predictions: list[str]) -> list[bool]:
+        """Correctness of every prediction (HumanEval overrides it to run programs in parallel)."""
         return [bool(self.is_correct(e, p)) for e, p in zip(examples, predictions)]
 
     def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
@@ -587,8 +590,6 @@ class _Pool:
         Matching lengths keeps summed log-probs from favouring short choices: otherwise a model that
         ignores the context would score above or below chance depending on the length mix alone.
         """
-        import bisect
-
         taken, cands = {_norm(true)}, []
         hi = bisect.bisect_left(self.lengths, len(true))
         lo = hi - 1
@@ -799,26 +800,50 @@ def _perturb(gold: str, rng: np.random.Generator) -> list[str]:
     return out + [_format_like(sign * (m + d * unit), gold) for d in range(3, 12)]
 
 
+def _shape(answer: str) -> str:
+    return re.sub(r"\d+", "0", answer.strip())
+
+
+def _perturb_text(gold: str, rng: np.random.Generator) -> list[str]:
+    """Variants of a non-numeric answer ("29 days, 20:44") with one of its numbers nudged, same width."""
+    spans = [m.span() for m in re.finditer(r"\d+", gold)]
+    out = []
+    for i in rng.permutation(len(spans)):
+        a, b = spans[i]
+        value = int(gold[a:b])
+        for d in rng.permutation([-3, -2, -1, 1, 2, 3]):
+            if value + d >= 0:
+                out.append(gold[:a] + str(value + d).zfill(b - a) + gold[b:])
+    return out
+
+
 def _math_distractors(gold: str, source: str, others: list[tuple[str, str]], rng: np.random.Generator,
                       k: int = 3) -> list[str]:
-    """Up to two other problems' answers of similar magnitude, the rest perturbed numbers."""
+    """Up to two other problems' answers of the same kind and magnitude, the rest perturbed answers.
+
+    Numbers keep sign and digit count; other answers ("29 days, 20:44") keep their format, so the
+    format never gives the answer away.
+    """
     v = _to_number(gold)
     same = [a for s, a in others if s == source and not answers_match(a, gold)]
     if v is not None:
         def mag(x):
             return (x < 0, len(str(int(abs(x)))))
         same = [a for a in same if _to_number(a) is not None and mag(_to_number(a)) == mag(v)]
+    else:
+        same = [a for a in same if _shape(a) == _shape(gold)]
     picked: list[str] = []
     for i in rng.permutation(len(same)):
-        if len(picked) == (2 if v is not None else k):
+        if len(picked) == 2:
             break
         if not any(answers_match(same[i], p) for p in picked):
             picked.append(same[i])
-    fill = _perturb(gold, rng) if v is not None else [a for s, a in others if not answers_match(a, gold)]
+    fill = _perturb(gold, rng) if v is not None else _perturb_text(gold, rng)
+    fill += [a for s, a in others if s == source] + [a for _, a in others]  # last resorts
     for c in fill:
         if len(picked) == k:
             break
-        if not any(answers_match(c, p) for p in picked):
+        if not answers_match(c, gold) and not any(answers_match(c, p) for p in picked):
             picked.append(c)
     if len(picked) < k:
         raise ValueError(f"could not find {k} distractors for the answer {gold!r}")
@@ -987,8 +1012,14 @@ class HumanEvalTask(GenerationTask):
         with ThreadPoolExecutor(workers) as pool:
             runs = list(pool.map(lambda ep: run_python(humaneval_program(ep[0], ep[1]), self.timeout),
                                  zip(examples, predictions)))
-        self.statuses = [s for _, s in runs]
+        self._statuses = [s for _, s in runs]
         return [ok for ok, _ in runs]
+
+    def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        scores = super().score(model, tokenizer, batch_size=batch_size, progress=progress)
+        for d, e, status in zip(self.details, self.examples(), self._statuses):
+            d.update(task_id=e["task_id"], status=status)  # "passed", "timeout" or "failed: <error>"
+        return scores
 
 
 # ----------------------------------------------------------------------------- builders
@@ -1143,7 +1174,7 @@ def evaluate(model, tokenizer, tasks, *, batch_size: int = 8, progress: bool = T
         model.eval()
     rows, seconds = [], {}
     try:
-        bar = _bar(tasks, len(tasks), "evaluate", progress)
+        bar = _bar(tasks, len(tasks), "evaluate", progress, leave=True)
         for task in bar:
             if progress:
                 bar.set_postfix_str(task.name)
