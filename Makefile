@@ -33,9 +33,12 @@ reproduce: $(STAMP)
 
 notebooks: reproduce
 
+# Tests keep their zoo cache in the repository (.cache/moelab): hermetic, and built once per clone.
+TEST_CACHE ?= $(CURDIR)/.cache/moelab
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --current-env -p no:cacheprovider runs/smoke/notebooks
+	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q tests
+	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q --nbval-lax --current-env -p no:cacheprovider runs/smoke/notebooks
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/observe.py

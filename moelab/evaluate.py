@@ -87,7 +87,7 @@ def _device(model) -> torch.device:
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def _prefix_ids(tokenizer) -> list[int]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -158,6 +158,21 @@ def _ernie_sparse(config, i: int) -> bool:
 _SCORE_BIAS = "score_correction_bias"
 _ROUTER_BIAS = "router_bias"
 
+_DEEPSEEK_V3 = FamilySpec(
+    "deepseek_v3",
+    num_experts_field="n_routed_experts",
+    intermediate_field="moe_intermediate_size",
+    routing="sigmoid_bias_group",
+    norm_topk_attr="norm_topk_prob",
+    logits_fp32=True,
+    indexed=((_SCORE_BIAS, IndexedRef("gate.e_score_correction_bias")),),
+    router_params=(("scaling", "routed_scaling_factor"), ("n_group", "num_group"), ("topk_group", "topk_group")),
+    shared_attr="shared_experts",
+    shared_width=("multiple", "n_shared_experts"),
+    group_scoring="sum_top2",
+    sparse_rule=_first_k_dense,
+)
+
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in [
@@ -213,34 +228,8 @@ FAMILIES: dict[str, FamilySpec] = {
             group_scoring="max",
             sparse_rule=_first_k_dense,
         ),
-        FamilySpec(
-            "deepseek_v3",
-            num_experts_field="n_routed_experts",
-            intermediate_field="moe_intermediate_size",
-            routing="sigmoid_bias_group",
-            norm_topk_attr="norm_topk_prob",
-            logits_fp32=True,
-            indexed=((_SCORE_BIAS, IndexedRef("gate.e_score_correction_bias")),),
-            router_params=(("scaling", "routed_scaling_factor"), ("n_group", "num_group"), ("topk_group", "topk_group")),
-            shared_attr="shared_experts",
-            shared_width=("multiple", "n_shared_experts"),
-            group_scoring="sum_top2",
-            sparse_rule=_first_k_dense,
-        ),
-        FamilySpec(
-            "glm4_moe",
-            num_experts_field="n_routed_experts",
-            intermediate_field="moe_intermediate_size",
-            routing="sigmoid_bias_group",
-            norm_topk_attr="norm_topk_prob",
-            logits_fp32=True,
-            indexed=((_SCORE_BIAS, IndexedRef("gate.e_score_correction_bias")),),
-            router_params=(("scaling", "routed_scaling_factor"), ("n_group", "num_group"), ("topk_group", "topk_group")),
-            shared_attr="shared_experts",
-            shared_width=("multiple", "n_shared_experts"),
-            group_scoring="sum_top2",
-            sparse_rule=_first_k_dense,
-        ),
+        _DEEPSEEK_V3,
+        replace(_DEEPSEEK_V3, model_type="glm4_moe"),  # GLM4-MoE routes exactly like DeepSeek-V3
         FamilySpec(
             "gpt_oss",
             router_attr="router",

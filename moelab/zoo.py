@@ -11,6 +11,7 @@ curve (``training_curve.json``) and final per-domain metrics (``build_metrics.js
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import torch
 from . import data
 from .kernels import KERNEL_NAME, register
 
-RECIPE_VERSION = 1  # bump when training code changes what a recipe produces
+RECIPE_VERSION = 2  # bump when training code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,19 @@ def build_config(recipe: Recipe, tokenizer):
 
 
 # ----------------------------------------------------------------------------- training
-def _token_stream(tokenizer, domain: str, split: str, limit: int | None = None) -> np.ndarray:
+def _token_stream(tokenizer, domain: str, split: str, limit: int | None = None, seed: int | None = None) -> np.ndarray:
+    """Token ids of a domain's split, documents separated by EOS, at most ``limit`` tokens.
+
+    With ``seed`` the documents are shuffled first, so a token budget smaller than the split
+    samples all of it (files in path order would give only the first packages of the stdlib,
+    problems in generator order only one generator).
+    """
     ids: list[int] = []
     docs = data.texts(domain, split)
+    if seed is not None:
+        docs = [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))]
     for start in range(0, len(docs), 256):
-        for row in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+        for row in tokenizer(docs[start:start + 256], add_special_tokens=False, verbose=False)["input_ids"]:
             ids.extend(row)
             ids.append(tokenizer.eos_token_id)
         if limit is not None and len(ids) >= limit:
@@ -220,7 +229,8 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     model.set_experts_implementation(KERNEL_NAME)
     mix = data.parse_mix(recipe.mix)
     need = recipe.steps * recipe.batch_size * recipe.seq_len
-    streams = {d: _token_stream(tokenizer, d, "train", limit=int(need * mix[d] * 1.5) + 4 * recipe.seq_len)
+    streams = {d: _token_stream(tokenizer, d, "train", limit=int(need * mix[d] * 1.5) + 4 * recipe.seq_len,
+                                seed=recipe.seed)
                for d in data.DOMAINS if mix[d] > 0}
     eval_rows = {}
     for d in data.DOMAINS:
@@ -298,6 +308,19 @@ def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False)
     final = path_of(name)
     if final.exists() and not force:
         return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per recipe: a second process (another notebook) waits for the first, then reuses it.
+    with open(final.with_name(final.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if final.exists() and not force:
+                return final
+            return _build_locked(name, final, progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_locked(name: str, final: Path, progress: bool) -> Path:
     tmp = final.with_name(final.name + f".building-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -326,22 +349,25 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast
 
     Args:
         name_or_path: a zoo name (built on first use), a local checkpoint, or a hub id.
-        device_map, dtype: handed to ``from_pretrained`` (``device_map="auto"`` spreads a large
-            model over GPUs, CPU and disk with accelerate).
-        fast_kernel: use moelab's sorted experts kernel (needed for observation).
+        device_map, dtype: handed to ``from_pretrained`` through ``models.load_model``
+            (``device_map="auto"`` spreads a large model over GPUs, CPU memory and disk);
+            other keyword arguments (``max_memory``, ``offload_folder`` ...) go the same way.
+        fast_kernel: use moelab's sorted experts kernel (observation needs it; outputs are the
+            same as transformers' eager kernel).
 
     Returns:
         (model in eval mode, tokenizer)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .models import load_model
 
     path = resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
+    model = load_model(path, device_map=device_map, dtype=dtype, **kwargs)
     if fast_kernel and model._can_set_experts_implementation():
         register()
         model.set_experts_implementation(KERNEL_NAME)
-    model.eval()
     return model, tokenizer
 
 
