@@ -128,6 +128,7 @@ class _Recorder:
         self.group_ids = group_ids
         self.group_counts = torch.zeros(len(group_ids), stats.num_experts, dtype=torch.float64)
         self.probs = None      # [T, E] of the current batch (set by the block pre-hook)
+        self.all_valid = True  # the batch has no padding (skips masking in the kernel callback)
         self.valid = None      # [T] bool, attention mask of the current batch
         self.topk_denom = None
         self.token_group = None
@@ -142,7 +143,7 @@ class _Recorder:
         probs = route.probs.float()
         self.probs, self.valid, self.token_group = probs, valid, token_group
         self.topk_denom = probs.gather(1, route.topk_idx).sum(-1).clamp_min(1e-20)
-        all_valid = bool(valid.all())
+        all_valid = self.all_valid = bool(valid.all())
         hv = h if all_valid else h[valid]
         pv = probs if all_valid else probs[valid]
         lv = route.router_logits.float() if all_valid else route.router_logits.float()[valid]
@@ -164,24 +165,23 @@ class _Recorder:
     # -- experts kernel callback: all routed (token, expert) pairs of this forward, sorted by expert
     def __call__(self, module, token_idx, expert_idx, out, weight) -> None:
         st = self.stats
-        keep = self.valid[token_idx]
-        if not bool(keep.all()):
+        if not self.all_valid:
+            keep = self.valid[token_idx]
             token_idx, expert_idx, out, weight = token_idx[keep], expert_idx[keep], out[keep], weight[keep]
         if token_idx.numel() == 0:
             return
         E = st.num_experts
         outf = out.float()
         g = self.probs[token_idx, expert_idx]
-        norms = outf.norm(dim=-1)
-        per_pair = torch.stack([torch.ones_like(g), g, g * norms, weight.float() * norms, norms,
-                                g / self.topk_denom[token_idx]], dim=1)
+        norms = torch.linalg.vector_norm(outf, dim=-1)
+        per_pair = torch.stack([g, g * norms, weight.float() * norms, norms, g / self.topk_denom[token_idx]], dim=1)
         sums = torch.zeros(E, per_pair.shape[1]).index_add_(0, expert_idx, per_pair).double()
-        st.counts += sums[:, 0]
-        st.soft_mass_routed += sums[:, 1]
-        st.reap_sum += sums[:, 2]
-        st.reap_topk_sum += sums[:, 3]
-        st.ean_sum += sums[:, 4]
-        st.dern_sum += sums[:, 5]
+        st.counts += torch.bincount(expert_idx, minlength=E).double()
+        st.soft_mass_routed += sums[:, 0]
+        st.reap_sum += sums[:, 1]
+        st.reap_topk_sum += sums[:, 2]
+        st.ean_sum += sums[:, 3]
+        st.dern_sum += sums[:, 4]
         st.out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, outf).double()
         st.gated_out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double()
         if self.token_group is not None:

@@ -1,0 +1,274 @@
+"""Model-level expert compression: DERN recombination, nearest-expert merging (M-SMoE) and NAEE selection.
+
+Each function is a short composition of the shared parts, applied to every MoE layer of a copy of
+the model, from one calibration ``Observation`` (``moelab.observe``):
+
+* ``dern_model`` (METHODS.md section 3): ``scores.importance(stats, "dern")`` picks the kept experts,
+  ``merge.dern_recombine`` moves the dropped experts' segments into them, ``models.set_experts``
+  writes the layer (router rows and expert-indexed tensors of the kept experts).
+* ``merge_into_nearest_model`` (METHODS.md section 4, M-SMoE with a uniform per-layer count):
+  ``merge.group_nearest`` on a router similarity, ``merge.merge_layer`` with weight matching and
+  frequency weights.
+* ``naee_select`` / ``naee_model`` (METHODS.md "Baselines", NAEE / O-prune): the kept subset that
+  minimises the layer's output reconstruction error on the sampled calibration inputs
+  (``LayerStats.input_sample``); exhaustive when the number of subsets allows, greedy backward
+  elimination otherwise.
+
+Notebook 03 (DERN) compares them with ``prune.prune`` (frequency, REAP).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from itertools import combinations
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import merge, models, scores
+
+__all__ = ["dern_model", "merge_into_nearest_model", "expert_outputs", "subset_error", "naee_select", "naee_model"]
+
+
+def _layers(obs) -> Mapping:
+    return obs.layers if hasattr(obs, "layers") else obs
+
+
+def _slice_indexed(layer: models.MoELayer, idx: Sequence[int]) -> dict[str, Tensor]:
+    idx = torch.as_tensor(list(idx), dtype=torch.long)
+    return {k: v[idx] for k, v in layer.expert_indexed().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# DERN (METHODS.md section 3)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool = False, init: str = "max_gate",
+               weighted: bool = True, seed: int = 0, iters: int = 30):
+    """DERN on every MoE layer of a copy of ``model``: keep the top experts, recombine the dropped ones' segments.
+
+    Args:
+        model: the model (left untouched).
+        obs: the ``Observation`` of a calibration pass on ``model`` (needs ``dern_sum``).
+        num_experts: experts kept per layer.
+        alpha: segment similarity threshold (paper: best near 0.6; above 1 nothing moves = plain DERN-importance pruning).
+        use_gate: include the gate row in the segment similarity (paper: leaving it out is slightly better).
+        init: k-means initialisation, ``"max_gate"`` (paper) or ``"random"``.
+        weighted: weight segments by their source expert's importance (False: the "no weighting" ablation).
+        seed: seed of the random initialisation.
+        iters: k-means iterations.
+
+    Returns:
+        (new model, info) with info ``{layer: {"kept", "dropped": [int], "flow": LongTensor [dropped, kept]
+        of moved segment counts, "moved": int, "segments": int (dropped x I), "moved_share": float}}``.
+    """
+    models.check_target(model, num_experts)
+    out = copy.deepcopy(model)
+    stats = _layers(obs)
+    info = {}
+    for layer in models.moe_layers(out):
+        st = stats[layer.layer_idx]
+        imp = scores.importance(st, "dern")
+        kept = scores.select_top(imp, num_experts).tolist()
+        dropped = [e for e in range(layer.num_experts) if e not in set(kept)]
+        w = layer.expert_weights()
+        # the same assignment dern_recombine makes (deterministic), kept for the flow matrix
+        assign = merge.assign_segments(w, kept, dropped, alpha, use_gate=use_gate)
+        flow = torch.zeros(len(dropped), len(kept), dtype=torch.long)
+        for i, d in enumerate(dropped):
+            moved = assign[d][assign[d] >= 0]
+            for j, k in enumerate(kept):
+                flow[i, j] = int((moved == k).sum())
+        new = merge.dern_recombine(w, kept, dropped, imp, alpha=alpha, use_gate=use_gate, init=init, iters=iters,
+                                   seed=seed, weighted=weighted)
+        router = layer.router_weight()[torch.tensor(kept)]
+        models.set_experts(out, layer.layer_idx, new, router, _slice_indexed(layer, kept))
+        n_seg = len(dropped) * w["gate"].shape[1]
+        info[layer.layer_idx] = {"kept": kept, "dropped": dropped, "flow": flow, "moved": int(flow.sum()),
+                                 "segments": n_seg, "moved_share": float(flow.sum()) / max(1, n_seg)}
+    models.set_num_experts_config(out, num_experts)
+    models.check_consistency(out)
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------
+# M-SMoE-style merging into the nearest kept expert (METHODS.md section 4)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "frequency",
+                             similarity: str = "router_logit", align: str | None = "weights"):
+    """Keep the top experts per layer; merge every other expert into its most similar kept one.
+
+    M-SMoE (METHODS.md section 4) with the same count in every layer: dominant experts by
+    ``criterion``, similarity of router-logit columns, members aligned to the dominant by weight
+    matching, merged with the criterion's weights W = sum f_i W_i / sum f_i. The dominant's router
+    row is kept.
+
+    Args:
+        model: the model (left untouched).
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        num_experts: experts per layer after merging.
+        criterion: importance criterion choosing the dominant experts and weighting the merge.
+        similarity: a ``scores.SIMILARITIES`` name.
+        align: neuron alignment of ``merge.merge_experts`` (``"weights"``, ``"activations"``, ``"ream"`` or None).
+
+    Returns:
+        (new model, info) with info ``{layer: {"groups": [[dominant, members...], ...]}}``.
+    """
+    models.check_target(model, num_experts)
+    out = copy.deepcopy(model)
+    stats = _layers(obs)
+    info = {}
+    for layer in models.moe_layers(out):
+        st = stats[layer.layer_idx]
+        coeffs = scores.importance(st, criterion)
+        keep = scores.select_top(coeffs, num_experts).tolist()
+        sim = scores.similarity(st, similarity, router_weight=layer.router_weight())
+        groups = merge.group_nearest(keep, sim)
+        w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups, coeffs,
+                                            align=align, X=st.input_sample)
+        models.set_experts(out, layer.layer_idx, w, router, _slice_indexed(layer, reps.tolist()))
+        info[layer.layer_idx] = {"groups": groups}
+    models.set_num_experts_config(out, num_experts)
+    models.check_consistency(out)
+    return out, info
+
+
+# ---------------------------------------------------------------------------------------------
+# NAEE: the kept subset with the least output reconstruction error (METHODS.md "Baselines")
+# ---------------------------------------------------------------------------------------------
+
+class _SubsetRouting:
+    """A view of a layer as if only ``kept`` experts were left: the routing code sees sliced
+    expert-indexed tensors (router bias, score-correction bias), exactly as the pruned layer will."""
+
+    def __init__(self, layer: models.MoELayer, kept: Tensor):
+        self._layer, self._kept = layer, kept
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def _indexed(self) -> dict[str, Tensor]:
+        return {k: v[self._kept] for k, v in self._layer._indexed().items()}
+
+
+@torch.no_grad()
+def expert_outputs(layer: models.MoELayer, X: Tensor) -> Tensor:
+    """Un-gated outputs of every expert on ``X`` [n, H]: [E, n, H] in float32 (float64 stays float64)."""
+    dt = torch.float64 if X.dtype == torch.float64 else torch.float32
+    x = X.to(layer.router_weight().dtype)
+    return torch.stack([layer.expert_forward(e, x).to(dt) for e in range(layer.num_experts)])
+
+
+@torch.no_grad()
+def _subset_output(layer: models.MoELayer, X: Tensor, logits: Tensor, kept: Tensor, Y: Tensor | None) -> Tensor:
+    """The routed experts' output (no shared expert) of the layer pruned to ``kept``, [n, H]."""
+    r = models._route(_SubsetRouting(layer, kept), X, logits[:, kept])
+    idx = kept[r.topk_idx]  # [n, K] original expert indices
+    w = r.topk_weight.to(Y.dtype if Y is not None else torch.float32)
+    if not layer.spec.weight_on_input:
+        n = X.shape[0]
+        return (w[..., None] * Y[idx, torch.arange(n)[:, None]]).sum(1)
+    out = torch.zeros(X.shape[0], X.shape[1], dtype=w.dtype)
+    for e in idx.unique().tolist():  # the weight scales the input (Llama4): no cached outputs
+        tok, pos = torch.where(idx == e)
+        out.index_add_(0, tok, layer.expert_forward(e, X[tok] * w[tok, pos, None].to(X.dtype)).to(out.dtype))
+    return out
+
+
+class _Reconstruction:
+    """Squared reconstruction error of the routed experts' output for kept subsets of one layer."""
+
+    def __init__(self, layer: models.MoELayer, X: Tensor):
+        self.layer = layer
+        self.X = X.to(layer.router_weight().dtype)
+        self.logits = layer.router_logits(self.X)
+        self.Y = None if layer.spec.weight_on_input else expert_outputs(layer, self.X)
+        all_e = torch.arange(layer.num_experts)
+        self.full = _subset_output(layer, self.X, self.logits, all_e, self.Y).double()
+
+    def __call__(self, kept) -> float:
+        kept = torch.as_tensor(sorted(int(k) for k in kept), dtype=torch.long)
+        y = _subset_output(self.layer, self.X, self.logits, kept, self.Y).double()
+        return float(((self.full - y) ** 2).sum())
+
+
+def subset_error(layer: models.MoELayer, X: Tensor, kept: Sequence[int]) -> float:
+    """NAEE's reconstruction error sum_x ||F(x) - F_kept(x)||^2 of one layer on inputs ``X`` [n, H].
+
+    F is the layer's routed-expert output; F_kept re-routes among the ``kept`` experts only (their
+    router rows and biases), as the pruned layer does. The shared expert, if any, cancels.
+    """
+    return _Reconstruction(layer, X)(kept)
+
+
+@torch.no_grad()
+def naee_select(layer: models.MoELayer, X: Tensor, num_experts: int, exhaustive_limit: int = 5000):
+    """The ``num_experts`` experts whose layer best reconstructs the full layer's output on ``X`` (NAEE).
+
+    Exhaustive over all C(E, num_experts) subsets when that count is at most ``exhaustive_limit``;
+    otherwise greedy backward elimination: repeatedly drop the expert whose removal increases the
+    error least (E - num_experts steps, each trying every remaining expert).
+
+    Args:
+        layer: the MoE layer (a ``models.MoELayer``).
+        X: [n, H] inputs of the layer (``LayerStats.input_sample``).
+        num_experts: experts to keep (at least the layer's top_k).
+        exhaustive_limit: the largest number of subsets enumerated.
+
+    Returns:
+        (LongTensor of kept experts ascending, method ``"exhaustive"`` or ``"greedy"``, error of the subset).
+    """
+    E = layer.num_experts
+    if not layer.top_k <= num_experts <= E:
+        raise ValueError(f"naee_select: num_experts={num_experts} must lie in [top_k={layer.top_k}, {E}]")
+    if X is None or X.shape[0] == 0:
+        raise ValueError("naee_select needs sample inputs X (observe with sample_size > 0)")
+    return _naee_search(_Reconstruction(layer, X), E, num_experts, exhaustive_limit)
+
+
+def _naee_search(err: _Reconstruction, E: int, num_experts: int, exhaustive_limit: int):
+    if math.comb(E, num_experts) <= exhaustive_limit:
+        best, best_err = None, math.inf
+        for sub in combinations(range(E), num_experts):
+            e = err(sub)
+            if e < best_err:
+                best, best_err = sub, e
+        return torch.tensor(best, dtype=torch.long), "exhaustive", best_err
+    current = list(range(E))
+    cur_err = 0.0
+    while len(current) > num_experts:
+        trials = [(err([c for c in current if c != d]), d) for d in current]
+        cur_err, drop = min(trials)  # ties: the lower index
+        current.remove(drop)
+    return torch.tensor(current, dtype=torch.long), "greedy", cur_err
+
+
+@torch.no_grad()
+def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
+    """Prune every MoE layer of a copy of ``model`` to its NAEE subset (``naee_select`` on ``input_sample``).
+
+    Returns:
+        (pruned model, info) with info ``{layer: {"kept": [int], "method": str, "error": float,
+        "relative_error": float}}`` (relative to sum ||F(x)||^2).
+    """
+    models.check_target(model, num_experts)
+    stats = _layers(obs)
+    keep, info = {}, {}
+    for layer in models.moe_layers(model):
+        X = stats[layer.layer_idx].input_sample
+        if X is None or X.shape[0] == 0:
+            raise ValueError("naee_model needs LayerStats.input_sample (observe with sample_size > 0)")
+        err = _Reconstruction(layer, X)
+        kept, method, e = _naee_search(err, layer.num_experts, num_experts, exhaustive_limit)
+        full = float((err.full ** 2).sum())
+        keep[layer.layer_idx] = kept.tolist()
+        info[layer.layer_idx] = {"kept": kept.tolist(), "method": method, "error": e,
+                                 "relative_error": e / full if full > 0 else 0.0}
+    out = copy.deepcopy(model)
+    models.prune_experts(out, keep)
+    return out, info
