@@ -219,9 +219,10 @@ def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, 
             def cos_hook(mod, args, kwargs, output, i=i):
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, tuple) else output
-                v = batch_state["valid"]
-                c = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1])[v].float(),
-                                                          y.reshape(-1, y.shape[-1])[v].float(), dim=-1)
+                x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                if not batch_state["all_valid"]:
+                    x, y = x[batch_state["valid"]], y[batch_state["valid"]]
+                c = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
                 s, n = layer_cos.get(i, (0.0, 0))
                 layer_cos[i] = (s + float(c.double().sum()), n + int(c.numel()))
                 if stop_after is not None and i >= stop_after:
@@ -298,13 +299,14 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     layer_cos: dict = {}
     stop_after = moe[-1].layer_idx if layers is not None and len(moe) == 1 else None
     device = next(model.parameters()).device
-    state = {"valid": None, "group": None}
+    state = {"valid": None, "all_valid": True, "group": None}
     was_training = model.training
     model.eval()
     with _observing(model, recorders, layer_cos, stop_after, state):
         for i in tqdm(range(0, len(ids), batch_size), desc="observing", disable=not progress, mininterval=2):
             x, m = ids[i:i + batch_size], mask[i:i + batch_size]
             state["valid"] = m.reshape(-1).bool().to(device)
+            state["all_valid"] = bool(state["valid"].all())
             if groups:
                 g = torch.tensor([group_names.index(s) for s in groups[i:i + batch_size]])
                 state["group"] = g.repeat_interleave(x.shape[1]).to(device)

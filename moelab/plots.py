@@ -42,6 +42,7 @@ def heatmap(matrix, *, xlabel: str, ylabel: str, title: str, yticklabels=None, x
                 yticklabels=yticklabels if yticklabels is not None else "auto",
                 cbar_kws={"label": cbar_label} if cbar_label else None)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.tick_params(axis="y", rotation=0)
     fig.tight_layout()
     return fig
 
