@@ -337,7 +337,7 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
         packed: list[list[int]] = []
         for start in range(0, len(order), 64):
             batch = [docs[i] for i in order[start:start + 64]]
-            ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
             packed.extend(pack_tokens(ids, seq_len, tokenizer.eos_token_id))
             if len(packed) >= counts[d]:
                 break

@@ -87,7 +87,7 @@ def _device(model) -> torch.device:
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _prefix_ids(tokenizer) -> list[int]:
@@ -1211,3 +1211,14 @@ def summary_score(df) -> dict:
         out[f"{key}_stderr"] = float(math.sqrt((part["stderr"] ** 2).sum()) / k) if k else float("nan")
         out[counts[key]] = k
     return out
+
+
+def clearly_lower(a: float, b: float, stderr: float, z: float = 2.0) -> bool:
+    """True when ``a`` is below ``b`` by more than ``z`` standard errors of their difference.
+
+    ``stderr`` is the standard error of one measurement (e.g. ``summary_score``'s
+    ``bits_per_byte_stderr``); the difference of two independent ones has sqrt(2) times that. Two
+    variants scored on the same texts are positively correlated, so this test is conservative: a
+    "no" means the data cannot tell them apart, not that they are equal.
+    """
+    return bool(b - a > z * math.sqrt(2.0) * stderr)
