@@ -38,7 +38,7 @@ TEST_CACHE ?= $(CURDIR)/.cache/moelab
 
 test: $(STAMP)
 	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q tests
-	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q --nbval-lax --current-env -p no:cacheprovider runs/smoke/notebooks
+	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider runs/smoke/notebooks
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/observe.py
