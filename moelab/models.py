@@ -158,6 +158,17 @@ def _ernie_sparse(config, i: int) -> bool:
 _SCORE_BIAS = "score_correction_bias"
 _ROUTER_BIAS = "router_bias"
 
+_QWEN2_MOE = FamilySpec(
+    "qwen2_moe",
+    num_experts_field="num_experts",
+    intermediate_field="moe_intermediate_size",
+    norm_topk_attr="norm_topk_prob",
+    shared_attr="shared_expert",
+    shared_gate_attr="shared_expert_gate",
+    shared_width=("field", "shared_expert_intermediate_size"),
+    sparse_rule=_qwen_sparse,
+)
+
 _DEEPSEEK_V3 = FamilySpec(
     "deepseek_v3",
     num_experts_field="n_routed_experts",
@@ -181,16 +192,7 @@ FAMILIES: dict[str, FamilySpec] = {
             routing="softmax_topk_norm",
             norm_topk_fixed=True,
         ),
-        FamilySpec(
-            "qwen2_moe",
-            num_experts_field="num_experts",
-            intermediate_field="moe_intermediate_size",
-            norm_topk_attr="norm_topk_prob",
-            shared_attr="shared_expert",
-            shared_gate_attr="shared_expert_gate",
-            shared_width=("field", "shared_expert_intermediate_size"),
-            sparse_rule=_qwen_sparse,
-        ),
+        _QWEN2_MOE,
         FamilySpec(
             "qwen3_moe",
             num_experts_field="num_experts",
@@ -198,17 +200,7 @@ FAMILIES: dict[str, FamilySpec] = {
             norm_topk_attr="norm_topk_prob",
             sparse_rule=_qwen_sparse,
         ),
-        FamilySpec(
-            "qwen3_next",
-            num_experts_field="num_experts",
-            intermediate_field="moe_intermediate_size",
-            norm_topk_attr="norm_topk_prob",
-            shared_attr="shared_expert",
-            shared_gate_attr="shared_expert_gate",
-            shared_width=("field", "shared_expert_intermediate_size"),
-            sparse_rule=_qwen_sparse,
-            notes="hybrid token mixers (linear_attn / self_attn) per layer",
-        ),
+        replace(_QWEN2_MOE, model_type="qwen3_next", notes="hybrid token mixers (linear_attn / self_attn) per layer"),
         FamilySpec(
             "olmoe",
             num_experts_field="num_experts",

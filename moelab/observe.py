@@ -150,12 +150,13 @@ class _Recorder:
         hv = hv.float()
         st.tokens += hv.shape[0]
         # Per-batch sums in float32 (fast), accumulated across batches in float64 (exact enough).
-        st.soft_mass += pv.sum(0).double()
-        st.logit_gram += (lv.T @ lv).double()
-        st.prob_gram += (pv.T @ pv).double()
-        st.hidden_abs_sum += hv.abs().sum(0).double()
+        st.soft_mass += pv.sum(0).double().cpu()
+        st.logit_gram += (lv.T @ lv).double().cpu()
+        st.prob_gram += (pv.T @ pv).double().cpu()
+        st.hidden_abs_sum += hv.abs().sum(0).double().cpu()
         if self.sample_size:
             keys = torch.rand(hv.shape[0], generator=self.gen)
+            hv = hv.cpu()  # statistics live on the CPU whatever device the layer runs on
             pool = hv if st.input_sample is None else torch.cat([st.input_sample, hv])
             pkeys = keys if st._sample_keys is None else torch.cat([st._sample_keys, keys])
             keep = torch.topk(pkeys, min(self.sample_size, len(pkeys)), largest=False).indices
@@ -175,19 +176,21 @@ class _Recorder:
         g = self.probs[token_idx, expert_idx]
         norms = torch.linalg.vector_norm(outf, dim=-1)
         per_pair = torch.stack([g, g * norms, weight.float() * norms, norms, g / self.topk_denom[token_idx]], dim=1)
-        sums = torch.zeros(E, per_pair.shape[1]).index_add_(0, expert_idx, per_pair).double()
-        st.counts += torch.bincount(expert_idx, minlength=E).double()
+        dev = out.device
+        sums = torch.zeros(E, per_pair.shape[1], device=dev).index_add_(0, expert_idx, per_pair).double().cpu()
+        st.counts += torch.bincount(expert_idx, minlength=E).double().cpu()
         st.soft_mass_routed += sums[:, 0]
         st.reap_sum += sums[:, 1]
         st.reap_topk_sum += sums[:, 2]
         st.ean_sum += sums[:, 3]
         st.dern_sum += sums[:, 4]
-        st.out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, outf).double()
-        st.gated_out_sum += torch.zeros(E, outf.shape[1]).index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double()
+        st.out_sum += torch.zeros(E, outf.shape[1], device=dev).index_add_(0, expert_idx, outf).double().cpu()
+        st.gated_out_sum += (torch.zeros(E, outf.shape[1], device=dev)
+                             .index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double().cpu())
         if self.token_group is not None:
             G = len(self.group_ids)
             flat = self.token_group[token_idx] * E + expert_idx
-            self.group_counts += torch.bincount(flat, minlength=G * E).reshape(G, E).double()
+            self.group_counts += torch.bincount(flat, minlength=G * E).reshape(G, E).double().cpu()
 
 
 def _decoder_layers(model):
@@ -212,7 +215,9 @@ def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, 
         for idx, rec in recorders.items():
             def pre(mod, args, kwargs, rec=rec):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                rec.before_block(hidden, batch_state["valid"], batch_state["group"])
+                group = batch_state["group"]
+                rec.before_block(hidden, batch_state["valid"].to(hidden.device),
+                                 None if group is None else group.to(hidden.device))
             handles.append(rec.layer.block.register_forward_pre_hook(pre, with_kwargs=True))
             rec.layer.experts_module()._moelab_recorder = rec
         for i, dec in enumerate(_decoder_layers(model)):
@@ -221,7 +226,8 @@ def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, 
                 y = output[0] if isinstance(output, tuple) else output
                 x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
                 if not batch_state["all_valid"]:
-                    x, y = x[batch_state["valid"]], y[batch_state["valid"]]
+                    v = batch_state["valid"].to(x.device)
+                    x, y = x[v], y[v]
                 c = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
                 s, n = layer_cos.get(i, (0.0, 0))
                 layer_cos[i] = (s + float(c.double().sum()), n + int(c.numel()))
@@ -298,7 +304,10 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
         recorders[layer.layer_idx] = _Recorder(layer, st, sample_size, gen, group_names)
     layer_cos: dict = {}
     stop_after = moe[-1].layer_idx if layers is not None and len(moe) == 1 else None
-    device = next(model.parameters()).device
+    # Inputs go where the embeddings are (accelerate moves activations between the devices of a
+    # dispatched model itself); weights offloaded to disk sit on the meta device, so use the CPU.
+    device = model.get_input_embeddings().weight.device
+    device = torch.device("cpu") if device.type == "meta" else device
     state = {"valid": None, "all_valid": True, "group": None}
     was_training = model.training
     model.eval()

@@ -73,7 +73,9 @@ def run(preset: str = "full", only: str | None = None, out_root: Path | None = N
                             progress_bar=progress, kernel_name="python3", log_output=False)
         timings[nb.stem] = time.time() - t0
         print(f"   done in {timings[nb.stem]:.0f} s", flush=True)
-    summary = write_summary(out_root, [nb.stem for nb in todo], timings)
+    # The summary covers every notebook with a recorded result in this run directory, not only the
+    # ones run now, so running one notebook alone keeps the others' figures in the page.
+    summary = write_summary(out_root, [nb.stem for nb in notebooks()], timings)
     print(f"summary: {summary}")
     return out_root
 
@@ -91,7 +93,7 @@ def write_summary(out_root: Path, stems: list[str], timings: dict | None = None)
         path = out_root / stem / "metrics.json"
         lines.append(f"## {stem}")
         if not path.exists():
-            lines += ["", "no metrics recorded", ""]
+            lines += ["", "not run in this run directory yet", ""]
             continue
         rec = json.loads(path.read_text())
         head = rec.get("metrics", {}).get("headline") or {

@@ -124,3 +124,17 @@ def test_stopping_after_one_layer_gives_the_same_statistics(smoke, calib, obs):
     one = observe.observe(model, calib, layers=[1], progress=False)
     assert list(one.layers) == [1]
     assert torch.equal(one[1].counts, obs[1].counts)
+
+
+def test_observe_works_on_an_offloaded_model(smoke, calib, obs, tmp_path):
+    """A model spread by accelerate over CPU memory and disk is observed like the plain one."""
+    from moelab import zoo
+
+    plain, _ = smoke
+    path = zoo.path_of("smoke")
+    off = models.load_model(path, device_map="auto", max_memory={"cpu": 600_000}, offload_folder=tmp_path / "off")
+    assert models.is_offloaded(off)
+    seen = observe.observe(off, calib, progress=False)
+    for i, st in obs.layers.items():
+        assert torch.equal(seen[i].counts, st.counts)
+        torch.testing.assert_close(seen[i].reap_sum, st.reap_sum, rtol=1e-4, atol=1e-4)
