@@ -36,6 +36,14 @@ def _layers(obs) -> Mapping:
     return obs.layers if hasattr(obs, "layers") else obs
 
 
+def _edit_copy(model, obs, num_experts: int):
+    """Validate the target, copy the model, and pair each MoE layer of the copy with its statistics."""
+    models.check_target(model, num_experts)
+    out = copy.deepcopy(model)
+    stats = _layers(obs)
+    return out, [(layer, stats[layer.layer_idx]) for layer in models.moe_layers(out)]
+
+
 def _slice_indexed(layer: models.MoELayer, idx: Sequence[int]) -> dict[str, Tensor]:
     idx = torch.as_tensor(list(idx), dtype=torch.long)
     return {k: v[idx] for k, v in layer.expert_indexed().items()}
@@ -65,12 +73,9 @@ def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool 
         (new model, info) with info ``{layer: {"kept", "dropped": [int], "flow": LongTensor [dropped, kept]
         of moved segment counts, "moved": int, "segments": int (dropped x I), "moved_share": float}}``.
     """
-    models.check_target(model, num_experts)
-    out = copy.deepcopy(model)
-    stats = _layers(obs)
+    out, layers = _edit_copy(model, obs, num_experts)
     info = {}
-    for layer in models.moe_layers(out):
-        st = stats[layer.layer_idx]
+    for layer, st in layers:
         imp = scores.importance(st, "dern")
         kept = scores.select_top(imp, num_experts).tolist()
         dropped = [e for e in range(layer.num_experts) if e not in set(kept)]
@@ -119,12 +124,9 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
     Returns:
         (new model, info) with info ``{layer: {"groups": [[dominant, members...], ...]}}``.
     """
-    models.check_target(model, num_experts)
-    out = copy.deepcopy(model)
-    stats = _layers(obs)
+    out, layers = _edit_copy(model, obs, num_experts)
     info = {}
-    for layer in models.moe_layers(out):
-        st = stats[layer.layer_idx]
+    for layer, st in layers:
         coeffs = scores.importance(st, criterion)
         keep = scores.select_top(coeffs, num_experts).tolist()
         sim = scores.similarity(st, similarity, router_weight=layer.router_weight())

@@ -196,21 +196,6 @@ class _Batches:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-@torch.no_grad()
-def domain_perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> dict:
-    """Mean token NLL, perplexity and tokens over packed rows [N, L] (no padding)."""
-    model.eval()
-    nll, n = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        x = rows[i:i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        nll += loss.item()
-        n += x[:, 1:].numel()
-    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens": n}
-
-
 def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     """Build the recipe's tokenizer and model into ``out_dir`` (which must not exist yet)."""
     from tqdm.auto import tqdm
@@ -232,11 +217,6 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     streams = {d: _token_stream(tokenizer, d, "train", limit=int(need * mix[d] * 1.5) + 4 * recipe.seq_len,
                                 seed=recipe.seed)
                for d in data.DOMAINS if mix[d] > 0}
-    eval_rows = {}
-    for d in data.DOMAINS:
-        s = _token_stream(tokenizer, d, "eval", limit=recipe.eval_tokens + recipe.seq_len)
-        n = len(s) // recipe.seq_len
-        eval_rows[d] = torch.from_numpy(s[: n * recipe.seq_len].reshape(n, recipe.seq_len).astype(np.int64))
     batches = _Batches(streams, mix, recipe.seq_len, recipe.batch_size, recipe.seed)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -278,11 +258,16 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
                "train_seconds": train_seconds, "tokenizer_seconds": t_tok,
                "tokens_per_second": recipe.steps * recipe.batch_size * recipe.seq_len / train_seconds,
                "torch_threads": torch.get_num_threads(), "eval": {}}
-    for d, rows in eval_rows.items():
-        metrics["eval"][d] = domain_perplexity(model, rows)
-        # Bits per byte make perplexities comparable across tokenizers.
-        n_bytes = sum(len(tokenizer.decode(r[1:]).encode()) for r in rows)
-        metrics["eval"][d]["bits_per_byte"] = metrics["eval"][d]["nll"] * metrics["eval"][d]["tokens"] / n_bytes / math.log(2)
+    # Held-out metrics with the same task the notebooks use (moelab.evaluate), so the figures agree.
+    from . import evaluate
+
+    tasks = [evaluate.perplexity_task(d, tokens=recipe.eval_tokens, seq_len=recipe.seq_len, seed=recipe.seed)
+             for d in data.DOMAINS]
+    table = evaluate.evaluate(model, tokenizer, tasks, progress=False)
+    for d in data.DOMAINS:
+        rows = table[table.domain == d]
+        metrics["eval"][d] = {r.metric: r.value for r in rows.itertuples()}
+        metrics["eval"][d].update({f"{r.metric}_stderr": r.stderr for r in rows.itertuples()})
     metrics["build_seconds"] = time.time() - t0
     model.config._experts_implementation = None  # a saved checkpoint must not need moelab to load
     model.save_pretrained(out_dir)
