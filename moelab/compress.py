@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import merge, models, scores
 
-__all__ = ["dern_model", "merge_into_nearest_model", "expert_outputs", "subset_error", "naee_select", "naee_model"]
+__all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "expert_outputs", "subset_error", "naee_select", "naee_model"]
 
 
 def _layers(obs) -> Mapping:
@@ -124,20 +124,64 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
     Returns:
         (new model, info) with info ``{layer: {"groups": [[dominant, members...], ...]}}``.
     """
-    out, layers = _edit_copy(model, obs, num_experts)
-    info = {}
-    for layer, st in layers:
-        coeffs = scores.importance(st, criterion)
-        keep = scores.select_top(coeffs, num_experts).tolist()
+    models.check_target(model, num_experts)
+    stats = _layers(obs)
+    groups, coeffs = {}, {}
+    for layer in models.moe_layers(model):
+        st = stats[layer.layer_idx]
+        coeffs[layer.layer_idx] = scores.importance(st, criterion)
+        keep = scores.select_top(coeffs[layer.layer_idx], num_experts).tolist()
         sim = scores.similarity(st, similarity, router_weight=layer.router_weight())
-        groups = merge.group_nearest(keep, sim)
-        w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups, coeffs,
-                                            align=align, X=st.input_sample)
-        models.set_experts(out, layer.layer_idx, w, router, _slice_indexed(layer, reps.tolist()))
-        info[layer.layer_idx] = {"groups": groups}
+        groups[layer.layer_idx] = merge.group_nearest(keep, sim)
+    out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
+    return out, {l: {"groups": g} for l, g in groups.items()}
+
+
+@torch.no_grad()
+def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[int, Tensor], *,
+                align: str | None = None, samples: Mapping[int, Tensor] | None = None, keep_router: str = "centroid",
+                **merge_kwargs):
+    """Merge given expert groups in every MoE layer of a copy of ``model`` (the shared last step of
+    M-SMoE, SlimQwen's partial preservation, REAM and HC-SMoE; METHODS.md sections 1, 2, 4).
+
+    Each group becomes one expert: its members aligned to the group's first element (the
+    representative) and averaged with weights ``coeffs`` (``merge.merge_layer``); the
+    representative's router row (and router / correction bias) is kept. Experts in no group are
+    dropped. Every layer must end with the same number of groups.
+
+    Args:
+        model: the model (left untouched).
+        groups: ``{layer_idx: [[representative, members...], ...]}`` for every MoE layer.
+        coeffs: ``{layer_idx: [E] merge weights}`` (frequency, importance, REAP saliency...).
+        align: neuron alignment (``None``, ``"weights"``, ``"activations"``, ``"ream"``).
+        samples: ``{layer_idx: [n, H] sampled MoE-layer inputs}`` for activation-based alignment.
+        keep_router: ``"centroid"`` (the representative's row) or ``"weighted"`` (merge-weighted mean).
+        **merge_kwargs: passed on to ``merge.merge_experts``.
+
+    Returns:
+        The merged copy.
+    """
+    layers = models.moe_layers(model)
+    ids = {layer.layer_idx for layer in layers}
+    if set(groups) != ids or set(coeffs) != ids:
+        raise ValueError(f"give groups and coeffs for every MoE layer {sorted(ids)}; got groups for "
+                         f"{sorted(groups)} and coeffs for {sorted(coeffs)}")
+    counts = {len(g) for g in groups.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every layer must end with the same number of experts, got {sorted(counts)}; per-layer "
+                         "counts need the non-uniform checkpoint form")
+    num_experts = counts.pop()
+    models.check_target(model, num_experts)
+    out = copy.deepcopy(model)
+    for layer in models.moe_layers(out):
+        i = layer.layer_idx
+        X = samples.get(i) if samples is not None else None
+        w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups[i], coeffs[i],
+                                            align=align, X=X, keep_router=keep_router, **merge_kwargs)
+        models.set_experts(out, i, w, router, _slice_indexed(layer, reps.tolist()))
     models.set_num_experts_config(out, num_experts)
     models.check_consistency(out)
-    return out, info
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,7 +452,7 @@ class PerplexityTask(Task):
         nll = float(per.mean())
         se = float(per.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
         bpb_scale = targets / max(n_bytes, 1) / math.log(2)
-        self.details = [{"row": i, "nll": v} for i, v in enumerate(row_nll)]
+        self.details = [{"row": i, "nll": v, "bits_per_byte": v * bpb_scale} for i, v in enumerate(row_nll)]
         return [Score(self.name, "ppl", math.exp(nll), math.exp(nll) * se, n),
                 Score(self.name, "nll", nll, se, n),
                 Score(self.name, "bits_per_byte", nll * bpb_scale, se * bpb_scale, n)]
@@ -1172,7 +1172,7 @@ def evaluate(model, tokenizer, tasks, *, batch_size: int = 8, progress: bool = T
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    rows, seconds = [], {}
+    rows, seconds, units = [], {}, {}
     try:
         bar = _bar(tasks, len(tasks), "evaluate", progress, leave=True)
         for task in bar:
@@ -1182,12 +1182,26 @@ def evaluate(model, tokenizer, tasks, *, batch_size: int = 8, progress: bool = T
             for s in task.score(model, tokenizer, batch_size=batch_size, progress=progress):
                 rows.append({**asdict(s), "kind": task.kind, "domain": task.domain})
             seconds[task.name] = time.perf_counter() - t0
+            units[task.name] = _units(task)
     finally:
         if was_training:
             model.train()
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["seconds"] = seconds
+    df.attrs["units"] = units
     return df
+
+
+# The per-unit value behind each summary metric: the unit a paired comparison pairs on.
+_UNIT = {"ppl": "bits_per_byte", "mc": "acc", "gen": "correct"}
+_METRIC_KIND = {"bits_per_byte": "ppl", "mc_acc": "mc", "gen_em": "gen"}
+
+
+def _units(task: Task) -> dict | None:
+    key = _UNIT.get(task.kind)
+    if key is None or not task.details or key not in task.details[0]:
+        return None
+    return {"kind": task.kind, "values": [float(d[key]) for d in task.details]}
 
 
 def summary_score(df) -> dict:
@@ -1211,6 +1225,58 @@ def summary_score(df) -> dict:
         out[f"{key}_stderr"] = float(math.sqrt((part["stderr"] ** 2).sum()) / k) if k else float("nan")
         out[counts[key]] = k
     return out
+
+
+def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
+    """Paired difference of a summary metric between two variants scored on the same tasks.
+
+    Both variants were scored on the same units (perplexity rows, MC items, GEN prompts), so the
+    difference is taken unit by unit: its standard error leaves out what the units share (hard text
+    is hard for both), which separates variants several times finer than comparing two independent
+    standard errors (``clearly_lower``).
+
+    Args:
+        a, b: tables from ``evaluate`` (they carry per-unit values in ``attrs["units"]``).
+        metric: ``"bits_per_byte"`` (perplexity tasks), ``"mc_acc"`` (MC accuracy) or ``"gen_em"``.
+
+    Returns:
+        dict with ``diff`` (a - b of the mean over tasks, as ``summary_score`` averages), its
+        ``stderr``, ``z`` = diff / stderr (0 when both are 0), ``n`` (units) and ``tasks``.
+    """
+    if metric not in _METRIC_KIND:
+        raise ValueError(f"metric must be one of {sorted(_METRIC_KIND)}, got {metric!r}")
+    kind = _METRIC_KIND[metric]
+    ua, ub = a.attrs.get("units"), b.attrs.get("units")
+    if ua is None or ub is None:
+        raise ValueError("paired_difference needs tables straight from moelab.evaluate.evaluate "
+                         "(their attrs['units'] hold the per-unit scores); pandas drops attrs in concat")
+    names = sorted(t for t, u in ua.items() if u is not None and u["kind"] == kind)
+    missing = [t for t in names if ub.get(t) is None]
+    if not names or missing or sorted(t for t, u in ub.items() if u is not None and u["kind"] == kind) != names:
+        raise ValueError(f"the two tables were not scored on the same {kind} tasks: {names} vs "
+                         f"{sorted(t for t, u in ub.items() if u is not None and u['kind'] == kind)}")
+    means, variances, n = [], [], 0
+    for t in names:
+        x, y = np.asarray(ua[t]["values"]), np.asarray(ub[t]["values"])
+        if x.shape != y.shape:
+            raise ValueError(f"task {t!r} has {len(x)} units in one table and {len(y)} in the other")
+        d = x - y
+        means.append(d.mean())
+        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
+        n += len(d)
+    k = len(names)
+    diff, se = float(np.mean(means)), float(math.sqrt(sum(variances)) / k)
+    z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return {"diff": diff, "stderr": se, "z": float(z), "n": n, "tasks": k}
+
+
+def clearly_better(a, b, metric: str = "bits_per_byte", z: float = 2.0) -> bool:
+    """True when variant ``a`` beats ``b`` by more than ``z`` paired standard errors.
+
+    Lower is better for bits per byte, higher for MC accuracy and GEN exact match.
+    """
+    d = paired_difference(a, b, metric)
+    return bool((-d["z"] if metric == "bits_per_byte" else d["z"]) > z)
 
 
 def clearly_lower(a: float, b: float, stderr: float, z: float = 2.0) -> bool:

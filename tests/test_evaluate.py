@@ -357,3 +357,28 @@ def test_humaneval_task_end_to_end_with_an_oracle():
     task.max_new_tokens = 16
     (score,) = task.score(UniformLM(), TOK, batch_size=3)
     assert score.value == 0.0 and task.details[0]["status"].startswith("failed")
+
+
+def test_paired_difference_pairs_units(tmp_path):
+    path = tmp_path / "hand.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in HAND_MC))
+    tasks = [ev.perplexity_task("math", tokens=512, seq_len=64), ev.jsonl_mc_task(path)]
+    uniform = ev.evaluate(UniformLM(), TOK, tasks, progress=False)
+    oracle = ev.evaluate(OracleLM([_truth(e) for e in HAND_MC]), TOK, tasks, progress=False)
+    assert [len(u["values"]) for u in uniform.attrs["units"].values()] == [8, 4]
+    # per-row bits per byte average to the task's figure
+    row_bpb = np.mean(uniform.attrs["units"]["ppl_math"]["values"])
+    assert row_bpb == pytest.approx(uniform.query("metric == 'bits_per_byte'")["value"].item(), rel=1e-9)
+    d = ev.paired_difference(oracle, uniform, "mc_acc")
+    assert d["diff"] == pytest.approx(0.75) and d["n"] == 4 and d["z"] > 2
+    assert ev.clearly_better(oracle, uniform, "mc_acc") and not ev.clearly_better(uniform, oracle, "mc_acc")
+    # the oracle knows none of the math texts: both models are uniform there, exactly
+    same = ev.paired_difference(oracle, uniform, "bits_per_byte")
+    assert same["diff"] == 0 and same["z"] == 0 and not ev.clearly_better(oracle, uniform)
+    with pytest.raises(ValueError, match="same gen tasks"):
+        ev.paired_difference(oracle, uniform, "gen_em")
+    with pytest.raises(ValueError, match="metric"):
+        ev.paired_difference(oracle, uniform, "accuracy")
+    other = ev.evaluate(UniformLM(), TOK, tasks[:1], progress=False)
+    with pytest.raises(ValueError, match="same mc tasks"):
+        ev.paired_difference(other, uniform, "mc_acc")
