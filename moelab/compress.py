@@ -13,6 +13,10 @@ the model, from one calibration ``Observation`` (``moelab.observe``):
   minimises the layer's output reconstruction error on the sampled calibration inputs
   (``LayerStats.input_sample``); exhaustive when the number of subsets allows, greedy backward
   elimination otherwise.
+* ``ream_model`` (METHODS.md section 2, REAM): ``ream_groups`` (REAP saliency, ``scores.ream_distance``,
+  ``merge.group_ream``) and saliency-weighted merging with REAM's neuron alignment, layer by layer on
+  re-observed inputs (``observe.observe_sequential``) or one-shot; ``hc_smoe_model`` (METHODS.md
+  "Baselines", HC-SMoE): average-linkage clusters of mean expert outputs, frequency-weighted merge.
 
 Notebook 03 (DERN) compares them with ``prune.prune`` (frequency, REAP).
 """
@@ -27,9 +31,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import merge, models, scores
+from . import merge, models, observe, scores
 
-__all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "expert_outputs", "subset_error", "naee_select", "naee_model"]
+__all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
+           "ream_groups", "ream_model", "hc_smoe_model"]
 
 
 def _layers(obs) -> Mapping:
@@ -138,6 +143,13 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
 
 
 @torch.no_grad()
+def _merge_layer_into(model, layer: models.MoELayer, groups: list[list[int]], coeffs: Tensor, **merge_kwargs) -> None:
+    """Merge one layer's groups in place (``merge.merge_layer``; representatives' router rows and indexed tensors)."""
+    w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups, coeffs, **merge_kwargs)
+    models.set_experts(model, layer.layer_idx, w, router, _slice_indexed(layer, reps.tolist()))
+
+
+@torch.no_grad()
 def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[int, Tensor], *,
                 align: str | None = None, samples: Mapping[int, Tensor] | None = None, keep_router: str = "centroid",
                 **merge_kwargs):
@@ -147,7 +159,9 @@ def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[in
     Each group becomes one expert: its members aligned to the group's first element (the
     representative) and averaged with weights ``coeffs`` (``merge.merge_layer``); the
     representative's router row (and router / correction bias) is kept. Experts in no group are
-    dropped. Every layer must end with the same number of groups.
+    dropped. Layers may end with different numbers of groups (MC-SMoE's adaptive counts): the copy
+    then records its per-layer counts (``models.set_expert_counts_config``) and ``io.save_checkpoint``
+    writes it in moelab's non-uniform form (``moelab.models`` docstring).
 
     Args:
         model: the model (left untouched).
@@ -166,22 +180,68 @@ def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[in
     if set(groups) != ids or set(coeffs) != ids:
         raise ValueError(f"give groups and coeffs for every MoE layer {sorted(ids)}; got groups for "
                          f"{sorted(groups)} and coeffs for {sorted(coeffs)}")
-    counts = {len(g) for g in groups.values()}
-    if len(counts) != 1:
-        raise ValueError(f"every layer must end with the same number of experts, got {sorted(counts)}; per-layer "
-                         "counts need the non-uniform checkpoint form")
-    num_experts = counts.pop()
-    models.check_target(model, num_experts)
+    counts = {i: len(g) for i, g in groups.items()}
+    uniform = len(set(counts.values())) == 1
+    if uniform:
+        num_experts = next(iter(counts.values()))
+        models.check_target(model, num_experts)
+    else:
+        models.check_layer_counts(model, counts)
     out = copy.deepcopy(model)
     for layer in models.moe_layers(out):
         i = layer.layer_idx
         X = samples.get(i) if samples is not None else None
-        w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups[i], coeffs[i],
-                                            align=align, X=X, keep_router=keep_router, **merge_kwargs)
-        models.set_experts(out, i, w, router, _slice_indexed(layer, reps.tolist()))
-    models.set_num_experts_config(out, num_experts)
+        _merge_layer_into(out, layer, groups[i], coeffs[i], align=align, X=X, keep_router=keep_router, **merge_kwargs)
+    if uniform:
+        models.set_num_experts_config(out, num_experts)
+    else:
+        models.set_expert_counts_config(out)
     models.check_consistency(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SlimQwen partial-preservation merging (METHODS.md section 1)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def partial_preservation_model(model, obs, num_experts: int, preserve_ratio: float = 0.5,
+                               criterion: str = "frequency", similarity: str = "router_logit",
+                               align: str | None = None):
+    """SlimQwen's partial preservation on every MoE layer of a copy of ``model``.
+
+    Per layer, with T = ``num_experts``: the top round(p T) experts by ``criterion`` stay unchanged,
+    the next T - round(p T) are merge bases, and every other expert merges into its most similar base
+    (``merge.partial_preservation_groups``) with importance weights,
+    theta_b <- (I_b theta_b + sum_d I_d theta_d) / (I_b + sum_d I_d); the bases' router rows are kept.
+    p = 1 is plain pruning, p = 0 plain merging.
+
+    Args:
+        model: the model (left untouched).
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        num_experts: T, experts per layer afterwards.
+        preserve_ratio: p (paper: 1/2).
+        criterion: importance criterion (frequency, soft_logit, reap, ...).
+        similarity: ``scores.SIMILARITIES`` name: ``"router_logit"``, ``"router_weight"``, ``"output"``.
+        align: neuron alignment before averaging (the paper does not align: None).
+
+    Returns:
+        (new model, info) with info ``{layer: {"groups": [[base, merged...], ...], "preserved": [int]}}``.
+    """
+    models.check_target(model, num_experts)
+    stats = _layers(obs)
+    groups, coeffs, info = {}, {}, {}
+    for layer in models.moe_layers(model):
+        st = stats[layer.layer_idx]
+        coeffs[layer.layer_idx] = scores.importance(st, criterion)
+        sim = scores.similarity(st, similarity, router_weight=layer.router_weight())
+        g = merge.partial_preservation_groups(coeffs[layer.layer_idx], sim, num_experts, preserve_ratio)
+        groups[layer.layer_idx] = g
+        n_keep = int(math.floor(preserve_ratio * num_experts + 0.5))
+        info[layer.layer_idx] = {"groups": g,
+                                 "preserved": scores.rank(coeffs[layer.layer_idx])[:n_keep].tolist()}
+    out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
+    return out, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,3 +378,129 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
     out = copy.deepcopy(model)
     models.prune_experts(out, keep)
     return out, info
+
+
+# ---------------------------------------------------------------------------------------------
+# REAM (METHODS.md section 2) and the HC-SMoE baseline (METHODS.md "Baselines")
+# ---------------------------------------------------------------------------------------------
+
+def ream_groups(stats, num_experts: int, C: int = 16, saliency: str = "reap", use_router: bool = True,
+                normalise: str = "unit") -> tuple[list[list[int]], Tensor, Tensor]:
+    """REAM's grouping of one layer (METHODS.md section 2): saliency, distance, pseudo-pruning.
+
+    Args:
+        stats: the layer's ``LayerStats``.
+        num_experts: centroids kept, T.
+        C: maximum group size (``merge.group_ream``; 0: every non-centroid joins its nearest centroid,
+            1: plain pruning by saliency).
+        saliency: importance criterion choosing the centroids and weighting the merge (REAM: ``"reap"``;
+            ``"frequency"`` is the paper's ablation).
+        use_router: include the router-logit term in the distance (False: the "no router weighting" ablation).
+        normalise: normalisation of the router-logit columns (``scores.ream_distance``).
+
+    Returns:
+        (groups [[centroid, members...], ...] by centroid index, saliency [E], distance [E, E]).
+    """
+    sal = scores.importance(stats, saliency)
+    dist = scores.ream_distance(stats, normalise=normalise, use_router=use_router)
+    return merge.group_ream(sal, dist, num_experts, C), sal, dist
+
+
+def _ream_info(groups: list[list[int]], sal: Tensor, dist: Tensor) -> dict:
+    grouped = {e for g in groups for e in g}
+    return {"groups": groups, "centroids": [g[0] for g in groups],
+            "merged": sorted(e for g in groups for e in g[1:]),
+            "dropped": [e for e in range(sal.numel()) if e not in grouped],
+            "saliency": sal.tolist(), "distance": dist.float()}
+
+
+@torch.no_grad()
+def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "reap", use_router: bool = True,
+               normalise: str = "unit", align: str | None = "ream", sequential: bool = True, obs=None,
+               sample_size: int = 512, seed: int = 0, batch_size: int = 8, progress: bool = False, **merge_kwargs):
+    """REAM on every MoE layer of a copy of ``model`` (METHODS.md section 2).
+
+    Per layer: the ``num_experts`` most salient experts are centroids, each takes up to C - 1 nearest
+    non-centroids (``ream_groups``); every group is merged with weights s_i / sum s after aligning its
+    members' neurons to the centroid (``align="ream"``: activation + PCA-feature Hungarian matching on
+    the layer's sampled inputs); the centroids' router rows are kept.
+
+    ``sequential=True`` (the paper): layers are processed front to back and each is observed after the
+    earlier ones were merged (``observe.observe_sequential``: about (L + 1) / 2 forward passes of the
+    calibration set for L layers). ``sequential=False`` merges every layer from one observation of the
+    original model (``obs``, or one pass over ``calib`` when none is given).
+
+    Args:
+        model: the model (left untouched).
+        calib: the calibration set (as for ``observe.observe``); unused in one-shot mode when ``obs`` is given.
+        num_experts: experts per layer after merging.
+        C, saliency, use_router, normalise: of ``ream_groups``.
+        align: neuron alignment before merging (None, ``"weights"``, ``"activations"``, ``"ream"``).
+        sequential: re-observe each layer after merging the earlier ones.
+        obs: an ``Observation`` of ``model`` on ``calib`` to reuse in one-shot mode.
+        sample_size, seed, batch_size, progress: of the observation passes.
+        **merge_kwargs: passed to ``merge.merge_experts`` (pca_dims, feature_weight, weight_cost).
+
+    Returns:
+        (new model, info) with info ``{layer: {"groups": [[centroid, members...]], "centroids": [int],
+        "merged": [int] (members merged into a centroid), "dropped": [int] (in no group), "saliency": [E]
+        floats, "distance": [E, E] REAM distance}}``, statistics as seen when the layer was merged.
+    """
+    models.check_target(model, num_experts)
+    grouping = dict(C=C, saliency=saliency, use_router=use_router, normalise=normalise)
+    observing = dict(sample_size=sample_size, seed=seed, batch_size=batch_size, progress=progress)
+    info = {}
+    if not sequential:
+        stats = _layers(obs if obs is not None else observe.observe(model, calib, **observing))
+        groups, coeffs = {}, {}
+        for layer in models.moe_layers(model):
+            g, sal, dist = ream_groups(stats[layer.layer_idx], num_experts, **grouping)
+            groups[layer.layer_idx], coeffs[layer.layer_idx] = g, sal
+            info[layer.layer_idx] = _ream_info(g, sal, dist)
+        out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()},
+                          **merge_kwargs)
+        return out, info
+    out = copy.deepcopy(model)
+    by_idx = {layer.layer_idx: layer for layer in models.moe_layers(out)}
+
+    def edit(layer_idx, st):
+        g, sal, dist = ream_groups(st, num_experts, **grouping)
+        _merge_layer_into(out, by_idx[layer_idx], g, sal, align=align, X=st.input_sample, **merge_kwargs)
+        info[layer_idx] = _ream_info(g, sal, dist)
+
+    observe.observe_sequential(out, calib, edit, **observing)
+    models.set_num_experts_config(out, num_experts)
+    models.check_consistency(out)
+    return out, info
+
+
+@torch.no_grad()
+def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", align: str | None = None):
+    """HC-SMoE (METHODS.md "Baselines"): cluster experts on their mean outputs, merge each cluster by frequency.
+
+    Per layer: agglomerative clustering (``merge.group_hierarchical``, ``linkage`` average by default,
+    Euclidean) of the mean un-gated outputs out_sum / counts into ``num_experts`` clusters; each cluster
+    is merged with frequency weights, represented by (and keeping the router row of) its most frequent
+    member. An expert never routed has a zero mean output.
+
+    Args:
+        model: the model (left untouched).
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        num_experts: clusters (experts) per layer.
+        linkage: scipy linkage method.
+        align: neuron alignment before averaging (HC-SMoE: none).
+
+    Returns:
+        (new model, info) with info ``{layer: {"groups": [[representative, members...], ...]}}``.
+    """
+    models.check_target(model, num_experts)
+    stats = _layers(obs)
+    groups, coeffs = {}, {}
+    for layer in models.moe_layers(model):
+        st = stats[layer.layer_idx]
+        freq = scores.importance(st, "frequency")
+        mean_out = st.out_sum.double() / st.counts.double().clamp_min(1)[:, None]
+        groups[layer.layer_idx] = merge.group_hierarchical(mean_out, num_experts, linkage=linkage, frequency=freq)
+        coeffs[layer.layer_idx] = freq
+    out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
+    return out, {l: {"groups": g} for l, g in groups.items()}

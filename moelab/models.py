@@ -17,6 +17,28 @@ edited tensors by new ``nn.Parameter`` objects (no views into the old storage) w
 and device, update every cached count (module attributes, ``nn.Linear`` features, config fields),
 and are checked against a reference model built on the meta device from the edited config, so that
 ``save_pretrained`` + ``from_pretrained`` rebuild exactly the edited model.
+
+Per-layer expert counts (MC-SMoE's adaptive merging, METHODS.md section 4). A transformers config
+holds one routed-expert count for all layers, so a model whose MoE layers keep different counts
+cannot be rebuilt by ``from_pretrained`` (it fails on the shape mismatch, and with
+``ignore_mismatched_sizes=True`` it silently re-initialises the mismatched experts). moelab writes such
+a model in its own documented form, which only ``load_model`` (and so ``zoo.load``) reloads:
+
+* ``config.json``: the family's config with its count field (``num_experts``, ``num_local_experts``,
+  ``n_routed_experts`` ...) set to the LARGEST per-layer count, plus ``moelab_experts_per_layer``
+  (:data:`NONUNIFORM_KEY`): one entry per decoder layer, the routed-expert count of a MoE layer and
+  ``null`` for a dense layer. :func:`set_expert_counts_config` writes both from the modules.
+* the weights in ``moelab-nonuniform-experts.safetensors`` (:data:`NONUNIFORM_WEIGHTS`): the model's
+  ``state_dict`` as it is in memory (fused expert tensors under their module names, tied tensors
+  stored once), written by ``moelab.io.save_checkpoint``. The file deliberately is not
+  ``model.safetensors``: ``from_pretrained`` finds no weights and raises ``OSError`` ("no file named
+  model.safetensors"), whatever class or flags it is given, instead of building the wrong shapes.
+* ``generation_config.json`` and the tokenizer files as usual.
+
+``load_model`` builds the family's model from that config without initialising it, slices each MoE
+layer to its count, checks the result against the config, and loads the tensors strictly; the
+logits are identical to the saved model's. A model whose layers all have the same count is always
+saved as a plain ``from_pretrained`` checkpoint.
 """
 
 from __future__ import annotations
@@ -33,18 +55,24 @@ from torch import Tensor, nn
 
 __all__ = [
     "FAMILIES",
+    "NONUNIFORM_KEY",
+    "NONUNIFORM_WEIGHTS",
     "FamilySpec",
     "MoELayer",
     "RouteOut",
     "UnsupportedModelError",
     "check_consistency",
+    "check_layer_counts",
     "check_target",
     "decoder_layers",
+    "expert_counts",
+    "experts_per_layer",
     "family_of",
     "is_offloaded",
     "load_model",
     "moe_layers",
     "prune_experts",
+    "set_expert_counts_config",
     "set_experts",
     "set_num_experts_config",
     "slice_expert_width",
@@ -896,10 +924,29 @@ def check_target(model: nn.Module, num_experts: int) -> None:
             )
 
 
+def check_layer_counts(model: nn.Module, counts: Mapping[int, int]) -> None:
+    """Raise a clear ValueError unless ``counts`` (``{layer_idx: n}``, every MoE layer) are per-layer
+    expert counts each layer's routing accepts, none above the layer's current count."""
+    layers = _layer_map(model)
+    _check_keys("check_layer_counts", counts, layers)
+    for i, n in sorted(counts.items()):
+        l = layers[i]
+        if n > l.num_experts:
+            raise ValueError(f"layer {i}: {n} experts is more than its current {l.num_experts}")
+        why = _count_ok(l, int(n))
+        if why is not None:
+            raise ValueError(f"layer {i}: {n} experts breaks {l.routing} routing: {why}")
+
+
 def set_num_experts_config(model: nn.Module, n: int) -> None:
-    """Write the routed-expert count into the config (and the model-level cached copies)."""
+    """Write the routed-expert count into the config (and the model-level cached copies).
+
+    A per-layer count list (:data:`NONUNIFORM_KEY`) is removed: one count now holds for every layer.
+    """
     spec = family_of(model)
     setattr(model.config, spec.num_experts_field, int(n))
+    if NONUNIFORM_KEY in vars(model.config):
+        delattr(model.config, NONUNIFORM_KEY)
     base = getattr(model, "model", None)
     for obj in (model, base):
         if obj is None:
@@ -910,11 +957,82 @@ def set_num_experts_config(model: nn.Module, n: int) -> None:
                 setattr(obj, a, int(n))
 
 
+# ---- per-layer expert counts (the non-uniform form; see the module docstring) ----------------
+
+NONUNIFORM_KEY = "moelab_experts_per_layer"
+NONUNIFORM_WEIGHTS = "moelab-nonuniform-experts.safetensors"
+
+
+def expert_counts(model: nn.Module) -> dict[int, int]:
+    """The routed-expert count of every MoE layer, ``{decoder layer index: count}``."""
+    return {l.layer_idx: l.num_experts for l in moe_layers(model)}
+
+
+def experts_per_layer(config) -> dict[int, int] | None:
+    """The per-layer counts a config records (:data:`NONUNIFORM_KEY`), or None for a uniform config.
+
+    Raises ValueError when the list does not have one entry per decoder layer or disagrees with the
+    family's count field (which holds the largest count).
+    """
+    counts = getattr(config, NONUNIFORM_KEY, None)
+    if counts is None:
+        return None
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(counts, (list, tuple)) or len(counts) != n_layers:
+        raise ValueError(f"config.{NONUNIFORM_KEY} must list one entry per decoder layer ({n_layers}); got {counts!r}")
+    out = {i: int(c) for i, c in enumerate(counts) if c is not None}
+    if not out or min(out.values()) < 1:
+        raise ValueError(f"config.{NONUNIFORM_KEY} needs a count >= 1 for every MoE layer; got {counts!r}")
+    spec = FAMILIES.get(getattr(config, "model_type", None))
+    if spec is not None and getattr(config, spec.num_experts_field, None) != max(out.values()):
+        raise ValueError(
+            f"config.{spec.num_experts_field}={getattr(config, spec.num_experts_field, None)} must be the largest "
+            f"per-layer count {max(out.values())} of config.{NONUNIFORM_KEY}")
+    return out
+
+
+def set_expert_counts_config(model: nn.Module) -> dict[int, int]:
+    """Write the MoE layers' own expert counts into the config (after editing layers one at a time).
+
+    Equal counts: the family's count field, exactly as :func:`set_num_experts_config` (a plain
+    ``from_pretrained`` checkpoint). Different counts: the count field holds the largest and
+    :data:`NONUNIFORM_KEY` lists every decoder layer's count (``None`` for dense layers), the form
+    ``moelab.io.save_checkpoint`` writes and :func:`load_model` reloads (module docstring).
+
+    Returns:
+        ``{layer_idx: count}``.
+    """
+    counts = expert_counts(model)
+    set_num_experts_config(model, max(counts.values()))
+    if len(set(counts.values())) > 1:
+        n_layers = len(decoder_layers(model))
+        setattr(model.config, NONUNIFORM_KEY, [counts.get(i) for i in range(n_layers)])
+    return counts
+
+
+def _apply_expert_counts(model: nn.Module, counts: Mapping[int, int]) -> None:
+    """Shrink each MoE layer of a freshly built model to ``counts[layer]`` experts (its first ones)."""
+    layers = _layer_map(model)
+    if set(counts) != set(layers):
+        raise ValueError(f"per-layer expert counts name layers {sorted(counts)}, but the MoE layers are {sorted(layers)}")
+    for i, l in layers.items():
+        n = int(counts[i])
+        if n > l.num_experts:
+            raise ValueError(f"layer {i}: {n} experts exceed the config's count {l.num_experts}")
+        if n < l.num_experts:
+            l._select_experts(torch.arange(n))
+
+
 def _meta_reference(model: nn.Module, config=None) -> nn.Module:
-    """The model class built from ``config`` (default: the model's own) on the meta device."""
+    """The model class built from ``config`` (default: the model's own) on the meta device, with the
+    per-layer expert counts the config records, if any."""
     config = copy.deepcopy(model.config if config is None else config)
+    counts = experts_per_layer(config)
     with torch.device("meta"):
-        return type(model)(config)
+        ref = type(model)(config)
+    if counts is not None:
+        _apply_expert_counts(ref, counts)
+    return ref
 
 
 # attributes that legitimately change at run time (dynamic RoPE caches, training switches)
@@ -1038,7 +1156,8 @@ def set_experts(
     ``weights``: gate/up ``[n, I, H]``, down ``[n, H, I]`` (+ the family's biases); ``router_weight``:
     ``[n, H]``; ``expert_indexed``: the family's other expert-indexed tensors (``expert_indexed()``
     names), required when the count changes. Once every MoE layer has the same count the config is
-    updated (and checked); otherwise call :func:`set_num_experts_config` after the last layer.
+    updated (and checked); otherwise call :func:`set_num_experts_config` after the last layer, or
+    :func:`set_expert_counts_config` to keep different counts per layer (the non-uniform form).
     """
     _ensure_editable(model)
     layers = _layer_map(model)
@@ -1422,15 +1541,111 @@ def slice_hidden(model: nn.Module, channels: Tensor, *, allow_unaligned: bool = 
 # --------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------- depth (SlimQwen)
+# config fields that list layer indices (remapped) and that hold one entry per layer (subset)
+_LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+_SPARSE_PATTERN_FIELDS = ("decoder_sparse_step", "first_k_dense_replace", "moe_layer_start_index",
+                          "moe_layer_end_index", "moe_layer_interval", "interleave_moe_layer_step")
+
+
+def remove_layers(model: nn.Module, layers: Sequence[int]) -> None:
+    """Remove whole decoder layers in place (SlimQwen depth pruning; METHODS.md section 1).
+
+    The remaining layers are renumbered (attention ``layer_idx``, so KV caches index them right) and
+    the config follows: ``num_hidden_layers``, per-layer lists such as ``layer_types`` and
+    ``no_rope_layers`` (subset), layer-index lists such as ``mlp_only_layers`` (remapped), and
+    ``first_k_dense_replace`` (dense layers kept). When the dense/MoE pattern can only be written as
+    a list (Qwen's ``decoder_sparse_step`` > 1), it is rewritten as ``decoder_sparse_step = 1`` plus
+    ``mlp_only_layers``. A pattern the config cannot express raises and leaves the model untouched.
+
+    Args:
+        model: a causal LM whose decoder layers are ``model.model.layers``.
+        layers: indices of the layers to remove (current numbering).
+    """
+    _ensure_editable(model)
+    stack = decoder_layers(model)
+    n = len(stack)
+    drop = sorted({int(i) for i in layers})
+    if not drop:
+        return
+    if any(not 0 <= i < n for i in drop):
+        raise ValueError(f"layer indices must be in range(0, {n}), got {drop}")
+    if len(drop) == n:
+        raise ValueError("cannot remove every decoder layer; keep at least one")
+    keep = [i for i in range(n) if i not in set(drop)]
+    new_index = {old: new for new, old in enumerate(keep)}
+    cfg = getattr(model.config, "text_config", None) or model.config
+    dense = [i for i in range(n) if not _is_moe_block(stack[i])]
+    new_dense = [new_index[i] for i in dense if i in new_index]
+    changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
+    for name, value in vars(cfg).items():
+        if isinstance(value, (list, tuple)) and len(value) == n and name not in _LAYER_INDEX_LISTS:
+            changes[name] = type(value)(value[i] for i in keep)
+    if getattr(cfg, "first_k_dense_replace", None) is not None:
+        changes["first_k_dense_replace"] = len(new_dense)
+    if getattr(cfg, "mlp_only_layers", None) is not None or getattr(cfg, "decoder_sparse_step", None) not in (None, 1):
+        if hasattr(cfg, "decoder_sparse_step"):
+            changes["decoder_sparse_step"] = 1
+        changes["mlp_only_layers"] = new_dense
+    if isinstance(getattr(cfg, "moe_layers", None), list):
+        changes["moe_layers"] = [new_index[i] for i in cfg.moe_layers if i in new_index]
+    new_moe = [i for i in range(len(keep)) if i not in set(new_dense)]
+    if getattr(cfg, "moe_layer_start_index", None) is not None and new_moe and getattr(cfg, "moe_layer_interval", 1) == 1:
+        changes["moe_layer_start_index"], changes["moe_layer_end_index"] = new_moe[0], new_moe[-1]
+    types = changes.get("layer_types")
+    if types is not None and "linear_attention" in types and not any("full" in t for t in types):
+        raise ValueError(f"removing layers {drop} leaves only linear-attention layers, which transformers' cache "
+                         "cannot run; keep at least one full-attention layer")
+    # check the new config against a rebuild before touching the model
+    config = copy.deepcopy(model.config)
+    _update_config(getattr(config, "text_config", None) or config, changes)
+    ref_layers = decoder_layers(_meta_reference(model, config))
+    for new, old in enumerate(keep):
+        if _is_moe_block(ref_layers[new]) != _is_moe_block(stack[old]):
+            raise ValueError(
+                f"{type(model).__name__}: after removing layers {drop}, the config cannot make layer {new} "
+                f"(old {old}) {'an MoE' if _is_moe_block(stack[old]) else 'a dense'} layer; this family's "
+                "dense/MoE layer pattern does not allow that removal")
+    kept_modules = [stack[i] for i in keep]
+    for new, mod in enumerate(kept_modules):
+        for sub in mod.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = new
+    getattr(model, "model", model).layers = nn.ModuleList(kept_modules)
+    _update_config(cfg, changes)  # in place: every module holding the config sees the change
+    check_consistency(model)
+
+
+def _update_config(cfg, changes: Mapping[str, Any]) -> None:
+    # all fields at once: configs validate on assignment (layer_types must match num_hidden_layers)
+    vars(cfg).update(changes)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
+def _is_moe_block(layer: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "experts", None), nn.Module) for m in layer.modules())
+
+
 def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload_folder=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` with accelerate's placement options, in eval mode.
 
     With ``device_map="auto"`` and a ``max_memory`` that does not fit, layers are offloaded to the
     CPU or to ``offload_folder`` on disk; moe_layers()/route()/expert_weights() still read such a
     model (through the offload hooks), but editing it raises: load without offload to edit.
+
+    A local checkpoint in moelab's non-uniform form (per-layer expert counts, module docstring) is
+    rebuilt by moelab itself; it takes ``dtype`` and a ``device_map`` of None or one device.
     """
     from transformers import AutoModelForCausalLM
 
+    if _is_nonuniform_checkpoint(path_or_id):
+        if max_memory is not None or offload_folder is not None or kwargs:
+            raise ValueError(
+                f"{path_or_id} is a moelab checkpoint with per-layer expert counts; load_model rebuilds it "
+                f"with dtype and a single-device device_map only (got max_memory={max_memory!r}, "
+                f"offload_folder={offload_folder!r}, {sorted(kwargs)})")
+        return _load_nonuniform(path_or_id, device_map, dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if dtype is not None:
@@ -1440,6 +1655,56 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    return model.eval()
+
+
+def _is_nonuniform_checkpoint(path_or_id) -> bool:
+    """True for a local directory in the non-uniform form; raises when it is half of one."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path_or_id)).expanduser()
+    if not (p / "config.json").is_file():
+        return False
+    has_key = NONUNIFORM_KEY in json.loads((p / "config.json").read_text())
+    has_file = (p / NONUNIFORM_WEIGHTS).is_file()
+    if has_key != has_file:
+        raise ValueError(
+            f"{p} is a broken moelab non-uniform checkpoint: config.json "
+            f"{'lists' if has_key else 'lacks'} {NONUNIFORM_KEY} but {NONUNIFORM_WEIGHTS} is "
+            f"{'missing' if has_key else 'present'}")
+    return has_key
+
+
+def _load_nonuniform(path, device_map=None, dtype=None) -> nn.Module:
+    """Rebuild a checkpoint with per-layer expert counts (module docstring), in eval mode."""
+    from pathlib import Path
+
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    path = Path(str(path)).expanduser().resolve()
+    if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"{path} has per-layer expert counts: moelab loads it on one device (device_map=None, 'cpu', "
+            f"'cuda:0', ...), not with device_map={device_map!r}")
+    config = AutoConfig.from_pretrained(path)
+    counts = experts_per_layer(config)
+    if dtype in (None, "auto"):
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with no_init_weights():  # every tensor is loaded below; skip the random initialisation
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _apply_expert_counts(model, counts)
+    check_consistency(model)
+    load_safetensors(model, str(path / NONUNIFORM_WEIGHTS), strict=True)  # refuses missing or extra tensors
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.config._name_or_path = str(path)
+    if device_map is not None:
+        model.to(device_map)
     return model.eval()
 
 

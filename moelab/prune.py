@@ -106,3 +106,83 @@ def calibration_sweep(model, tokenizer, mixes: dict, tasks, *, criterion: str = 
 def mean_overlap(kept_a: dict, kept_b: dict) -> float:
     """Mean over layers of the Jaccard overlap of two {layer: kept indices} choices."""
     return sum(jaccard(kept_a[l], kept_b[l]) for l in kept_a) / max(1, len(kept_a))
+
+
+# ----------------------------------------------------------------------------- depth and width (SlimQwen)
+def layers_to_remove(obs, num_layers: int, how: str = "last", total: int | None = None) -> list[int]:
+    """Which decoder layers SlimQwen's depth pruning removes (METHODS.md section 1).
+
+    Args:
+        obs: an ``Observation`` (its ``layer_cos``: mean cosine between each decoder layer's input and
+            output on the calibration set).
+        num_layers: L, layers to remove.
+        how: ``"last"`` (the last L layers) or ``"similar"`` (the L layers whose output is most similar
+            to their input, i.e. that change the residual stream least).
+        total: number of decoder layers (default: those in ``obs.layer_cos``).
+
+    Returns:
+        Sorted layer indices.
+    """
+    cos = dict(obs.layer_cos)
+    n = total if total is not None else len(cos)
+    if not 1 <= num_layers < n:
+        raise ValueError(f"num_layers must be in [1, {n - 1}] for a {n}-layer model, got {num_layers}")
+    if how == "last":
+        return list(range(n - num_layers, n))
+    if how == "similar":
+        if len(cos) != n:
+            raise ValueError(f"the observation has layer cosines for {len(cos)} of {n} layers; observe every layer")
+        return sorted(sorted(cos, key=lambda i: (-cos[i], i))[:num_layers])
+    raise ValueError(f"how must be 'last' or 'similar', got {how!r}")
+
+
+def remove_layers(model, obs, num_layers: int, how: str = "last"):
+    """A copy of ``model`` without the L layers ``layers_to_remove`` picks.
+
+    Returns:
+        (pruned copy, removed layer indices).
+    """
+    n = len(models.decoder_layers(model))
+    drop = layers_to_remove(obs, num_layers, how, total=n)
+    out = copy.deepcopy(model)
+    models.remove_layers(out, drop)
+    return out, drop
+
+
+def channel_importance(obs) -> torch.Tensor:
+    """Per hidden channel, mean |activation| of the normalised hidden states entering each MoE layer,
+    summed over layers (SlimQwen's width criterion; METHODS.md section 1). Shape [H]."""
+    layers = obs.layers if hasattr(obs, "layers") else obs
+    return sum(st.hidden_abs_sum / max(1, st.tokens) for st in layers.values())
+
+
+def keep_channels(obs, num_channels: int, how: str = "activation", seed: int = 0) -> torch.Tensor:
+    """The hidden channels kept: the ``num_channels`` largest by ``channel_importance``, or a seeded
+    random choice (the baseline). Ascending LongTensor."""
+    imp = channel_importance(obs)
+    H = imp.numel()
+    if not 1 <= num_channels <= H:
+        raise ValueError(f"num_channels must be in [1, {H}], got {num_channels}")
+    if how == "activation":
+        idx = scores.select_top(imp, num_channels)
+    elif how == "random":
+        idx = torch.randperm(H, generator=torch.Generator().manual_seed(seed))[:num_channels]
+    else:
+        raise ValueError(f"how must be 'activation' or 'random', got {how!r}")
+    return idx.sort().values
+
+
+def slice_width(model, obs, keep_ratio: float, how: str = "activation", seed: int = 0):
+    """A copy of ``model`` keeping ``keep_ratio`` of its hidden channels everywhere (embeddings, norms,
+    attention, router, experts, head; ``models.slice_hidden``).
+
+    Returns:
+        (sliced copy, kept channel indices).
+    """
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+    H = model.config.hidden_size
+    idx = keep_channels(obs, max(1, int(round(H * keep_ratio))), how, seed)
+    out = copy.deepcopy(model)
+    models.slice_hidden(out, idx)
+    return out, idx

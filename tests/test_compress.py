@@ -115,3 +115,23 @@ def test_naee_greedy_returns_the_count(tiny):
     assert best_err <= err + 1e-9  # exhaustive is never worse than greedy
     with pytest.raises(ValueError, match="top_k"):
         compress.naee_select(layer, X, 1)
+
+
+# ----------------------------------------------------------------------------- SlimQwen partial preservation
+def test_partial_preservation_ends_match_pruning_and_groups_cover_all(tiny, tmp_path):
+    model, obs = tiny
+    full, info = compress.partial_preservation_model(model, obs, 4, preserve_ratio=1.0, criterion="frequency")
+    pruned, _ = prune.prune(model, obs, "frequency", num_experts=4)
+    torch.testing.assert_close(logits(full), logits(pruned), atol=1e-6, rtol=0)
+    half, info = compress.partial_preservation_model(model, obs, 4, preserve_ratio=0.5, similarity="router_weight")
+    for rec in info.values():
+        flat = sorted(e for g in rec["groups"] for e in g)
+        assert flat == list(range(8)) and len(rec["groups"]) == 4
+        singles = [g[0] for g in rec["groups"] if len(g) == 1]
+        assert set(rec["preserved"]) <= set(singles) and len(rec["preserved"]) == 2
+    assert not torch.allclose(logits(half), logits(pruned))
+    path = io.save_checkpoint(half, tmp_path / "pp")
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(half))
+    with pytest.raises(ValueError):
+        compress.partial_preservation_model(model, obs, 4, preserve_ratio=1.5)

@@ -42,3 +42,46 @@ def test_jaccard_and_overlap():
     assert prune.jaccard([1, 2, 3], [1, 2, 3]) == 1
     assert prune.jaccard([1, 2], [3, 4]) == 0
     assert prune.mean_overlap({0: [1, 2], 1: [1]}, {0: [1, 2], 1: [2]}) == 0.5
+
+
+# ----------------------------------------------------------------------------- depth and width (SlimQwen)
+def test_layers_to_remove_last_and_most_similar():
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(layer_cos={0: 0.2, 1: 0.9, 2: 0.5, 3: 0.95, 4: 0.1})
+    assert prune.layers_to_remove(fake, 2, "last") == [3, 4]
+    assert prune.layers_to_remove(fake, 2, "similar") == [1, 3]
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="num_layers"):
+            prune.layers_to_remove(fake, bad)
+    with pytest.raises(ValueError, match="how"):
+        prune.layers_to_remove(fake, 1, "first")
+
+
+def test_remove_layers_on_the_smoke_model(smoke, obs):
+    model, _ = smoke
+    n = len(models.decoder_layers(model))
+    out, drop = prune.remove_layers(model, obs, 1, "similar")
+    assert drop == prune.layers_to_remove(obs, 1, "similar") and len(models.decoder_layers(out)) == n - 1
+    assert len(models.decoder_layers(model)) == n  # the original is untouched
+    with torch.no_grad():
+        assert torch.isfinite(out(input_ids=torch.arange(5, 37).reshape(1, 32)).logits).all()
+
+
+def test_width_keeps_the_most_active_channels_and_all_channels_change_nothing(smoke, obs):
+    model, _ = smoke
+    imp = prune.channel_importance(obs)
+    H = model.config.hidden_size
+    assert imp.shape == (H,) and (imp > 0).all()
+    idx = prune.keep_channels(obs, H // 2)
+    assert set(idx.tolist()) == set(torch.argsort(imp, descending=True)[: H // 2].tolist())
+    rnd = prune.keep_channels(obs, H // 2, "random", seed=1)
+    assert torch.equal(rnd, prune.keep_channels(obs, H // 2, "random", seed=1)) and not torch.equal(rnd, idx)
+    ids = torch.arange(5, 37).reshape(1, 32)
+    same, _ = prune.slice_width(model, obs, 1.0)
+    half, kept = prune.slice_width(model, obs, 0.5)
+    assert half.config.hidden_size == H // 2 and torch.equal(kept, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.isfinite(half(input_ids=ids).logits).all()
+    assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in model.parameters())
