@@ -17,6 +17,11 @@ the model, from one calibration ``Observation`` (``moelab.observe``):
   ``merge.group_ream``) and saliency-weighted merging with REAM's neuron alignment, layer by layer on
   re-observed inputs (``observe.observe_sequential``) or one-shot; ``hc_smoe_model`` (METHODS.md
   "Baselines", HC-SMoE): average-linkage clusters of mean expert outputs, frequency-weighted merge.
+* ``msmoe_model`` (METHODS.md section 4, MC-SMoE's M-SMoE): dominant experts by frequency chosen over
+  all layers (adaptive per-layer counts, saved in moelab's non-uniform form) or per layer, every other
+  expert merged into its most similar dominant; ``low_rank_sparse_model`` / ``LowRankSparseExperts``
+  (MC-SMoE's compression W ~ U V + S), ``densify``, ``parameter_count``, ``merged_stable_ranks`` and
+  ``relative_inference_time`` for notebook 04.
 
 Notebook 03 (DERN) compares them with ``prune.prune`` (frequency, REAP).
 """
@@ -33,8 +38,10 @@ from torch import Tensor
 
 from . import merge, models, observe, scores
 
-__all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
-           "ream_groups", "ream_model", "hc_smoe_model"]
+__all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
+           "ream_groups", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
+           "msmoe_groups", "msmoe_total", "msmoe_model", "merged_stable_ranks", "LowRankSparseExperts",
+           "low_rank_sparse_model", "densify", "parameter_count", "relative_inference_time"]
 
 
 def _layers(obs) -> Mapping:
@@ -241,6 +248,44 @@ def partial_preservation_model(model, obs, num_experts: int, preserve_ratio: flo
         info[layer.layer_idx] = {"groups": g,
                                  "preserved": scores.rank(coeffs[layer.layer_idx])[:n_keep].tolist()}
     out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
+    return out, info
+
+
+def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", width_ratio: float = 1.0,
+               num_experts: int | None = None, criterion: str = "frequency", preserve_ratio: float = 1.0,
+               similarity: str = "router_logit"):
+    """SlimQwen's combined compression: experts, then width, then depth (METHODS.md section 1).
+
+    Each step uses the one observation of the original model: experts by ``criterion`` (with
+    ``preserve_ratio`` < 1 the dropped experts are merged by partial preservation), hidden channels by
+    mean |activation| (``prune.slice_width``), and the last (or most input-like) decoder layers.
+
+    Args:
+        model: the model (left untouched).
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        remove_layers: decoder layers removed (0: none).
+        depth_how: ``"last"`` or ``"similar"``.
+        width_ratio: share of hidden channels kept (1: all).
+        num_experts: experts per layer afterwards (None: all).
+        criterion, preserve_ratio, similarity: the expert step (``partial_preservation_model``).
+
+    Returns:
+        (new model, info) with ``removed_layers``, ``channels`` (kept hidden channels or None) and the
+        parameter counts before and after.
+    """
+    from . import prune
+
+    out, info = model, {"removed_layers": [], "channels": None}
+    if num_experts is not None and num_experts < models.moe_layers(model)[0].num_experts:
+        out, info["experts"] = partial_preservation_model(model, obs, num_experts, preserve_ratio, criterion, similarity)
+    if width_ratio < 1:
+        out, info["channels"] = prune.slice_width(out, obs, width_ratio)
+    if remove_layers:
+        out, info["removed_layers"] = prune.remove_layers(out, obs, remove_layers, depth_how)
+    if out is model:
+        out = copy.deepcopy(model)
+    info["parameters"] = sum(p.numel() for p in out.parameters())
+    info["original_parameters"] = sum(p.numel() for p in model.parameters())
     return out, info
 
 
@@ -504,3 +549,341 @@ def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", ali
         coeffs[layer.layer_idx] = freq
     out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
     return out, {l: {"groups": g} for l, g in groups.items()}
+
+
+ROLES = ("centroid", "merged", "dropped")
+
+
+def group_roles(groups: list[list[int]], num_experts: int) -> list[str]:
+    """Each expert's part in a grouping: ``"centroid"`` (first of its group, kept), ``"merged"`` (merged into a
+    centroid) or ``"dropped"`` (in no group). A pruning's kept experts are singleton groups."""
+    roles = ["dropped"] * num_experts
+    for g in groups:
+        roles[g[0]] = "centroid"
+        for e in g[1:]:
+            roles[e] = "merged"
+    return roles
+
+
+def routing_mass_by_role(stats, groups: list[list[int]]) -> dict[str, dict[str, float]]:
+    """Where each calibration domain's routing goes under a grouping (notebook 02, a look inside REAM).
+
+    Args:
+        stats: a layer's ``LayerStats`` from a calibration set with a ``domain`` column (``counts_by_group``).
+        groups: the layer's groups (``ream_model`` info, or ``[[k] for k in kept]`` for a pruning).
+
+    Returns:
+        ``{domain: {role: share}}``: the share of the domain's routed (token, expert) slots that went to
+        experts of each role of ``group_roles`` (shares sum to 1 for a domain with routed tokens).
+    """
+    if not stats.counts_by_group:
+        raise ValueError("no per-domain counts: observe a calibration set that has a `domain` column")
+    roles = group_roles(groups, stats.num_experts)
+    out = {}
+    for domain, counts in sorted(stats.counts_by_group.items()):
+        total = float(counts.sum())
+        out[domain] = {r: (float(sum(counts[e] for e in range(stats.num_experts) if roles[e] == r)) / total
+                           if total else 0.0) for r in ROLES}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MC-SMoE (METHODS.md section 4): adaptive M-SMoE merging, then low rank + sparse experts
+# ---------------------------------------------------------------------------------------------
+
+def msmoe_groups(model, obs, total: int, *, adaptive: bool = True, criterion: str = "frequency",
+                 similarity: str = "router_logit", min_per_layer: int | None = None):
+    """M-SMoE's dominant experts and groups for every MoE layer (METHODS.md section 4).
+
+    Dominant experts are the most used (``criterion``, frequency in the paper): with ``adaptive`` chosen
+    over all layers together (``scores.global_dominant``: each layer's top ``min_per_layer`` are forced,
+    its most-used expert among them), so per-layer counts differ; otherwise ``total / layers`` per
+    layer. Every other expert joins its most similar dominant (``merge.group_nearest``).
+
+    Args:
+        model: the model.
+        obs: the ``Observation`` of a calibration pass on ``model``.
+        total: experts kept over all MoE layers.
+        adaptive: global choice (adaptive counts) or the same count in every layer.
+        criterion: importance criterion choosing the dominants and weighting the merge.
+        similarity: a ``scores.SIMILARITIES`` name (``router_logit``, ``router_weight``, ``output`` ...).
+        min_per_layer: experts forced per layer (default: top_k, the fewest a layer can route to; the
+            paper's Switch models route to one expert and force one).
+
+    Returns:
+        (groups ``{layer: [[dominant, members...], ...]}`` with dominants ascending, coeffs ``{layer: [E]}``).
+        Raises ValueError when a layer's count does not suit its routing (``models.check_layer_counts``).
+    """
+    layers = models.moe_layers(model)
+    stats = _layers(obs)
+    imp = {l.layer_idx: scores.importance(stats[l.layer_idx], criterion) for l in layers}
+    if adaptive:
+        forced = max(l.top_k for l in layers) if min_per_layer is None else min_per_layer
+        kept = scores.global_dominant(imp, total, min_per_layer=forced)
+    else:
+        if total % len(layers):
+            raise ValueError(f"total={total} does not split evenly over {len(layers)} MoE layers; use adaptive=True")
+        kept = scores.uniform_per_layer(imp, total // len(layers))
+    models.check_layer_counts(model, {i: len(k) for i, k in kept.items()})
+    groups = {}
+    for l in layers:
+        sim = scores.similarity(stats[l.layer_idx], similarity, router_weight=l.router_weight())
+        groups[l.layer_idx] = merge.group_nearest(kept[l.layer_idx].tolist(), sim)
+    return groups, imp
+
+
+def msmoe_total(model, reduction: float) -> int:
+    """Experts kept over all MoE layers after removing the share ``reduction`` of them (rounded)."""
+    n = sum(l.num_experts for l in models.moe_layers(model))
+    return int(round(n * (1 - reduction)))
+
+
+@torch.no_grad()
+def msmoe_model(model, obs, total: int, *, adaptive: bool = True, criterion: str = "frequency",
+                similarity: str = "router_logit", align: str | None = "weights", min_per_layer: int | None = None):
+    """M-SMoE on a copy of ``model``: ``msmoe_groups`` then frequency-weighted merging (METHODS.md section 4).
+
+    Members are aligned to their dominant (``align``: None, ``"weights"`` = weight matching as in the
+    paper, ``"activations"``, ``"ream"``) and merged as W = sum f_i W_i / sum f_i; the dominant's router
+    row is kept. With adaptive counts the copy records per-layer counts and saves in moelab's
+    non-uniform form; the merged layers really shrink (no tied copies, unlike the reference code).
+
+    Returns:
+        (merged model, info ``{layer: {"groups": [[dominant, members...]], "num_experts": int}}``).
+    """
+    groups, coeffs = msmoe_groups(model, obs, total, adaptive=adaptive, criterion=criterion,
+                                  similarity=similarity, min_per_layer=min_per_layer)
+    stats = _layers(obs)
+    out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
+    return out, {l: {"groups": g, "num_experts": len(g)} for l, g in groups.items()}
+
+
+def merged_stable_ranks(original, merged, info: Mapping[int, Mapping]) -> list[dict]:
+    """Stable rank (``merge.stable_rank``) of every merged expert's matrices against its members' before.
+
+    MC-SMoE reports that merging lowers the stable rank, which makes the merged experts easier to
+    compress. Only groups of two or more experts are listed.
+
+    Args:
+        original: the model before merging.
+        merged: the merged model (``msmoe_model`` / ``merge_model``), expert j of a layer = group j.
+        info: ``{layer: {"groups": [[dominant, members...], ...]}}``.
+
+    Returns:
+        One row per (layer, group, matrix): layer, group, size, matrix (gate/up/down), dominant (its
+        stable rank before), members_mean (mean over the group before), merged.
+    """
+    before = {l.layer_idx: l.expert_weights() for l in models.moe_layers(original)}
+    rows = []
+    for l in models.moe_layers(merged):
+        after = l.expert_weights()
+        for j, g in enumerate(info[l.layer_idx]["groups"]):
+            if len(g) < 2:
+                continue
+            for name in ("gate", "up", "down"):
+                sr = [merge.stable_rank(before[l.layer_idx][name][e]) for e in g]
+                rows.append({"layer": l.layer_idx, "group": j, "size": len(g), "matrix": name, "dominant": sr[0],
+                             "members_mean": sum(sr) / len(sr), "merged": merge.stable_rank(after[name][j])})
+    return rows
+
+
+_MATRICES = ("gate", "up", "down")
+
+
+class LowRankSparseExperts(torch.nn.Module):
+    """A MoE layer's routed experts stored as W ~ U V + S (MC-SMoE's compression, METHODS.md section 4).
+
+    For every expert and each of its matrices (gate, up ``[I, H]``, down ``[H, I]``): ``U_<m>`` ``[E, rows, r]``,
+    ``V_<m>`` ``[E, r, cols]`` and the sparse residual ``S_<m> * mask_<m>`` (``S`` kept dense, ``mask`` a
+    buffer: only kept entries count, act and train). It replaces a family's fused experts module and
+    is called the same way, ``(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``,
+    over tokens sorted by expert (as ``moelab.kernels``). ``use_csr()`` switches inference to torch's
+    CSR sparse matmul for the residual. ``dense_weights()`` gives the uniform dense W = U V + S.
+    The replaced module is kept (unregistered) so ``densify`` can put dense weights back.
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor], rank: int, sparsity: float, act_fn, dense_module=None):
+        super().__init__()
+        self.num_experts, self.rank, self.sparsity = weights["gate"].shape[0], int(rank), float(sparsity)
+        self.act_fn = act_fn
+        for name in _MATRICES:
+            parts = [merge.low_rank_sparse(W, rank, sparsity) for W in weights[name]]
+            U, V, S = (torch.stack([p[i] for p in parts]) for i in range(3))
+            self.register_parameter(f"U_{name}", torch.nn.Parameter(U.contiguous()))
+            self.register_parameter(f"V_{name}", torch.nn.Parameter(V.contiguous()))
+            self.register_parameter(f"S_{name}", torch.nn.Parameter(S.contiguous()))
+            self.register_buffer(f"mask_{name}", (S != 0).to(S.dtype))
+        for b in ("gate_bias", "up_bias", "down_bias"):
+            if b in weights:
+                self.register_parameter(b, torch.nn.Parameter(weights[b].clone()))
+        self.__dict__["_dense"] = dense_module  # not a submodule: no parameters, no state_dict entries
+        self._csr = None
+
+    def num_parameters(self) -> int:
+        """Stored parameters as the paper counts them: U, V, the kept residual entries, biases."""
+        n = sum(getattr(self, f"{p}_{m}").numel() for p in ("U", "V") for m in _MATRICES)
+        n += sum(int(getattr(self, f"mask_{m}").sum()) for m in _MATRICES)
+        return n + sum(getattr(self, b).numel() for b in ("gate_bias", "up_bias", "down_bias") if hasattr(self, b))
+
+    @torch.no_grad()
+    def dense_weights(self) -> dict[str, Tensor]:
+        """Uniform dense weights W = U V + S * mask (gate/up ``[E, I, H]``, down ``[E, H, I]``, biases)."""
+        out = {m: getattr(self, f"U_{m}") @ getattr(self, f"V_{m}") + getattr(self, f"S_{m}") * getattr(self, f"mask_{m}")
+               for m in _MATRICES}
+        out.update({b: getattr(self, b).detach().clone() for b in ("gate_bias", "up_bias", "down_bias") if hasattr(self, b)})
+        return out
+
+    @torch.no_grad()
+    def use_csr(self, on: bool = True) -> None:
+        """Run the residual as CSR sparse matmuls in eval mode (snapshots the current S; call again after training)."""
+        self._csr = None if not on else {
+            m: [(s * k).to_sparse_csr() for s, k in zip(getattr(self, f"S_{m}"), getattr(self, f"mask_{m}"))]
+            for m in _MATRICES}
+
+    def _project(self, m: str, e: int, x: Tensor, U, V, S) -> Tensor:
+        y = (x @ V[e].transpose(0, 1)) @ U[e].transpose(0, 1)
+        if self._csr is not None and not self.training:
+            y = y + torch.sparse.mm(self._csr[m][e], x.transpose(0, 1)).transpose(0, 1)
+        else:
+            y = y + x @ S[e].transpose(0, 1)
+        bias = getattr(self, f"{m}_bias", None)
+        return y if bias is None else y + bias[e]
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        E, K = self.num_experts, top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E)[:E].tolist()
+        order = order[:sum(counts)]  # indices >= E (expert-parallel sentinels) are skipped
+        token_idx = order // K
+        w_sorted = top_k_weights.reshape(-1)[order]
+        fac = {m: (getattr(self, f"U_{m}").unbind(0), getattr(self, f"V_{m}").unbind(0),
+                   None if (self._csr is not None and not self.training)
+                   else (getattr(self, f"S_{m}") * getattr(self, f"mask_{m}")).unbind(0)) for m in _MATRICES}
+        outs = []
+        for e, xs in enumerate(hidden_states[token_idx].split(counts)):
+            if counts[e] == 0:
+                continue
+            h = self.act_fn(self._project("gate", e, xs, *fac["gate"])) * self._project("up", e, xs, *fac["up"])
+            outs.append(self._project("down", e, h, *fac["down"]))
+        out = torch.zeros_like(hidden_states)
+        if outs:
+            y = torch.cat(outs) * w_sorted.unsqueeze(-1).to(hidden_states.dtype)
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def _experts_of(model):
+    """(block, experts attribute name, experts module) of every sparse block, dense or factored."""
+    spec = models.family_of(model)
+    found = []
+    for layer in models.decoder_layers(model):
+        block = getattr(layer, spec.block_attr, None)
+        ex = getattr(block, spec.experts_attr, None) if block is not None else None
+        if isinstance(ex, torch.nn.Module):
+            found.append((block, spec.experts_attr, ex))
+    return found
+
+
+@torch.no_grad()
+def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, rank_fraction: float | None = None):
+    """MC-SMoE's compression on a copy of ``model``: every expert matrix W becomes U V + S (``merge.low_rank_sparse``).
+
+    Args:
+        model: the (merged) model, left untouched.
+        sparsity: share of the residual's entries set to zero (1: low rank only).
+        rank: r for every matrix; or ``rank_fraction`` of min(rows, cols) (e.g. 0.25 of the expert width).
+
+    Returns:
+        (copy whose experts are ``LowRankSparseExperts``, info ``{layer: {"rank", "dense_params",
+        "params", "rel_error": {matrix: mean ||W - U V - S||_F / ||W||_F}}}``). The copy runs, trains
+        (``train.recover``) and times as the factored form; ``densify`` turns it back into a dense model
+        that moelab's editing functions and checkpoints accept.
+    """
+    if (rank is None) == (rank_fraction is None):
+        raise ValueError("give exactly one of rank and rank_fraction")
+    out = copy.deepcopy(model)
+    info = {}
+    for layer in models.moe_layers(out):
+        spec = layer.spec
+        if spec.activation != "glu" or spec.weight_on_input:
+            raise models.UnsupportedModelError(
+                f"low_rank_sparse_model supports experts computing down(act(gate x) * up x) on routed tokens; "
+                f"{spec.model_type} ({spec.activation}, weight_on_input={spec.weight_on_input}) is not covered")
+        w = layer.expert_weights()
+        I, H = w["gate"].shape[1:]
+        r = int(rank) if rank is not None else max(1, int(round(rank_fraction * min(I, H))))
+        ex = layer.experts_module()
+        lrs = LowRankSparseExperts(w, r, sparsity, ex.act_fn, dense_module=ex)
+        rec = lrs.dense_weights()
+        err = {m: float(((w[m] - rec[m]).flatten(1).norm(dim=1) / w[m].flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+               for m in _MATRICES}
+        info[layer.layer_idx] = {"rank": r, "dense_params": sum(p.numel() for p in ex.parameters()),
+                                 "params": lrs.num_parameters(), "rel_error": err}
+        setattr(layer.block, spec.experts_attr, lrs)
+    return out, info
+
+
+@torch.no_grad()
+def densify(model):
+    """A dense copy of a ``low_rank_sparse_model`` result: every ``LowRankSparseExperts`` becomes its
+    family's fused experts module holding W = U V + S (same function; the checkpoint stays dense)."""
+    out = copy.deepcopy(model)
+    factored = [(block, name, ex) for block, name, ex in _experts_of(out) if isinstance(ex, LowRankSparseExperts)]
+    for block, name, ex in factored:
+        setattr(block, name, ex._dense)
+    by_block = {id(block): ex for block, _, ex in factored}
+    for layer in models.moe_layers(out):
+        ex = by_block.get(id(layer.block))
+        if ex is not None:
+            models.set_experts(out, layer.layer_idx, ex.dense_weights(), layer.router_weight())
+    models.check_consistency(out)
+    return out
+
+
+def parameter_count(model) -> dict:
+    """Parameters of ``model`` as MC-SMoE counts them: ``{"total", "experts"}`` (routed experts only;
+    a ``LowRankSparseExperts`` counts U, V and the kept residual entries, not the zeros it stores)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = 0
+    for _, _, ex in _experts_of(model):
+        stored = sum(p.numel() for p in ex.parameters())
+        counted = ex.num_parameters() if isinstance(ex, LowRankSparseExperts) else stored
+        experts += counted
+        total -= stored - counted
+    return {"total": total, "experts": experts}
+
+
+@torch.no_grad()
+def relative_inference_time(variants: Mapping[str, torch.nn.Module], input_ids: Tensor, repeats: int = 7,
+                            warmup: int = 1) -> dict:
+    """Forward-pass time of each model relative to the first, measured side by side.
+
+    Each repeat times every model once, one after the other, so all see the same machine load; a
+    model's ratio is the median over repeats of its time / the first model's time in that repeat.
+
+    Args:
+        variants: ``{name: model}``; the first is the reference.
+        input_ids: the batch every model runs.
+        repeats: timed rounds (after ``warmup`` untimed ones).
+
+    Returns:
+        ``{name: {"ratio": median ratio, "median_s": median seconds}}`` (seconds depend on the machine;
+        quote ratios).
+    """
+    import statistics
+    import time
+
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for n in names:
+            m = variants[n]
+            m.eval()
+            t0 = time.perf_counter()
+            m(input_ids=input_ids)
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    ref = times[names[0]]
+    return {n: {"ratio": statistics.median(t / t0 for t, t0 in zip(times[n], ref)),
+                "median_s": statistics.median(times[n])} for n in names}

@@ -54,6 +54,7 @@ __all__ = [
     "HumanEvalTask", "perplexity_task", "continuation_mc_task", "jsonl_mc_task", "math_gen_task",
     "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
     "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS", "KINDS",
+    "select_tasks", "pareto_front", "correlation",
 ]
 
 KINDS = ("ppl", "mc", "gen")  # Task.kind values: perplexity, multiple choice, generation
@@ -423,7 +424,16 @@ class PerplexityTask(Task):
         return [docs[i] for i in order]
 
     def rows(self, tokenizer) -> list[list[int]]:
-        """The packed token rows scored (seq_len tokens each)."""
+        """The packed token rows scored (seq_len tokens each); cached per tokenizer, since every variant
+        of a notebook is scored on the same rows."""
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        key = (id(tokenizer), len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None)
+        if key not in cache:
+            cache.clear()
+            cache[key] = (tokenizer, self._pack(tokenizer))
+        return cache[key][1]
+
+    def _pack(self, tokenizer) -> list[list[int]]:
         docs, need, rows = self.examples(), self.tokens // self.seq_len, []
         # Chunks of 64 documents packed one chunk at a time, as calibration_set does.
         for start in range(0, len(docs), 64):
@@ -446,7 +456,11 @@ class PerplexityTask(Task):
                                                     reduction="none")
             row_nll += nll.view(len(batch), -1).double().mean(1).tolist()
         # The first token of a row is never predicted, so neither its NLL nor its bytes count.
-        n_bytes = sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows)
+        entry = self._rows_cache[next(iter(self._rows_cache))]
+        if len(entry) == 2:  # the bytes behind the scored tokens, once per tokenizer
+            entry = self._rows_cache[next(iter(self._rows_cache))] = (
+                *entry, sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows))
+        n_bytes = entry[2]
         per = np.asarray(row_nll)
         n, targets = len(per), len(rows) * (self.seq_len - 1)
         nll = float(per.mean())
@@ -1227,6 +1241,22 @@ def summary_score(df) -> dict:
     return out
 
 
+def _unit_table(df, kind: str) -> dict[str, np.ndarray]:
+    units = df.attrs.get("units")
+    if units is None:
+        raise ValueError("paired_difference needs tables straight from moelab.evaluate.evaluate "
+                         "(their attrs['units'] hold the per-unit scores); pandas drops attrs in concat")
+    return {t: np.asarray(u["values"], dtype=float) for t, u in units.items() if u is not None and u["kind"] == kind}
+
+
+def _mean_units(frames, kind: str) -> dict[str, np.ndarray]:
+    tables = [_unit_table(f, kind) for f in frames]
+    names = sorted(tables[0])
+    if any(sorted(t) != names or any(t[n].shape != tables[0][n].shape for n in names) for t in tables):
+        raise ValueError(f"the runs were not all scored on the same {kind} tasks")
+    return {n: np.mean([t[n] for t in tables], axis=0) for n in names}
+
+
 def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
     """Paired difference of a summary metric between two variants scored on the same tasks.
 
@@ -1235,29 +1265,33 @@ def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
     is hard for both), which separates variants several times finer than comparing two independent
     standard errors (``clearly_lower``).
 
+    With several training seeds per variant, give lists of tables (one per seed; paired by position
+    when both lists have the same length). Units are then averaged over seeds first, and the spread
+    of the per-seed differences (training randomness) adds to the unit standard error:
+    stderr = sqrt(unit_stderr^2 + seed_stderr^2).
+
     Args:
-        a, b: tables from ``evaluate`` (they carry per-unit values in ``attrs["units"]``).
+        a, b: tables from ``evaluate`` (they carry per-unit values in ``attrs["units"]``), or lists of them.
         metric: ``"bits_per_byte"`` (perplexity tasks), ``"mc_acc"`` (MC accuracy) or ``"gen_em"``.
 
     Returns:
         dict with ``diff`` (a - b of the mean over tasks, as ``summary_score`` averages), its
-        ``stderr``, ``z`` = diff / stderr (0 when both are 0), ``n`` (units) and ``tasks``.
+        ``stderr``, ``z`` = diff / stderr (0 when both are 0), ``unit_stderr``, ``seed_stderr`` (0 for
+        single tables), ``n`` (units) and ``tasks``.
     """
     if metric not in _METRIC_KIND:
         raise ValueError(f"metric must be one of {sorted(_METRIC_KIND)}, got {metric!r}")
     kind = _METRIC_KIND[metric]
-    ua, ub = a.attrs.get("units"), b.attrs.get("units")
-    if ua is None or ub is None:
-        raise ValueError("paired_difference needs tables straight from moelab.evaluate.evaluate "
-                         "(their attrs['units'] hold the per-unit scores); pandas drops attrs in concat")
-    names = sorted(t for t, u in ua.items() if u is not None and u["kind"] == kind)
-    missing = [t for t in names if ub.get(t) is None]
-    if not names or missing or sorted(t for t, u in ub.items() if u is not None and u["kind"] == kind) != names:
-        raise ValueError(f"the two tables were not scored on the same {kind} tasks: {names} vs "
-                         f"{sorted(t for t, u in ub.items() if u is not None and u['kind'] == kind)}")
+    la, lb = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (a, b))
+    if not la or not lb:
+        raise ValueError("paired_difference needs at least one table on each side")
+    ua, ub = _mean_units(la, kind), _mean_units(lb, kind)
+    names = sorted(ua)
+    if not names or sorted(ub) != names:
+        raise ValueError(f"the two tables were not scored on the same {kind} tasks: {names} vs {sorted(ub)}")
     means, variances, n = [], [], 0
     for t in names:
-        x, y = np.asarray(ua[t]["values"]), np.asarray(ub[t]["values"])
+        x, y = ua[t], ub[t]
         if x.shape != y.shape:
             raise ValueError(f"task {t!r} has {len(x)} units in one table and {len(y)} in the other")
         d = x - y
@@ -1265,9 +1299,21 @@ def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
         variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
         n += len(d)
     k = len(names)
-    diff, se = float(np.mean(means)), float(math.sqrt(sum(variances)) / k)
+    diff, unit_se = float(np.mean(means)), float(math.sqrt(sum(variances)) / k)
+    seed_se = 0.0
+    if len(la) > 1 or len(lb) > 1:
+        per = lambda f: float(np.mean([v.mean() for v in _unit_table(f, kind).values()]))
+        sa, sb = np.array([per(f) for f in la]), np.array([per(f) for f in lb])
+        if len(sa) == len(sb):  # same seeds on both sides: pair them
+            d = sa - sb
+            seed_se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        else:
+            seed_se = float(math.sqrt((sa.var(ddof=1) / len(sa) if len(sa) > 1 else 0.0)
+                                      + (sb.var(ddof=1) / len(sb) if len(sb) > 1 else 0.0)))
+    se = math.sqrt(unit_se ** 2 + seed_se ** 2)
     z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
-    return {"diff": diff, "stderr": se, "z": float(z), "n": n, "tasks": k}
+    return {"diff": diff, "stderr": se, "z": float(z), "unit_stderr": unit_se, "seed_stderr": seed_se,
+            "n": n, "tasks": k}
 
 
 def clearly_better(a, b, metric: str = "bits_per_byte", z: float = 2.0) -> bool:
@@ -1288,3 +1334,70 @@ def clearly_lower(a: float, b: float, stderr: float, z: float = 2.0) -> bool:
     "no" means the data cannot tell them apart, not that they are equal.
     """
     return bool(b - a > z * math.sqrt(2.0) * stderr)
+
+
+# ----------------------------------------------------------------------------- trade-offs (notebook 02)
+
+def select_tasks(df, tasks):
+    """The rows of an ``evaluate`` table for some tasks only, with their per-unit scores kept in ``attrs``.
+
+    So that ``summary_score`` and ``paired_difference`` can be asked about a subset (e.g. math and
+    code perplexity without the general text).
+
+    Args:
+        df: a table from ``evaluate``.
+        tasks: a task name or names.
+
+    Raises:
+        ValueError: a name the table does not hold.
+    """
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    unknown = sorted(set(names) - set(df["task"]))
+    if unknown:
+        raise ValueError(f"the table holds no task {unknown}; it holds {sorted(set(df['task']))}")
+    out = df[df["task"].isin(names)].copy()
+    out.attrs = {k: ({t: u for t, u in v.items() if t in names} if isinstance(v, dict) else v)
+                 for k, v in df.attrs.items()}
+    return out
+
+
+def pareto_front(x, y, maximize=(True, True)) -> np.ndarray:
+    """Which points are Pareto-optimal: no other point is at least as good on both axes and better on one.
+
+    Args:
+        x, y: the two scores of each point (e.g. MC and GEN of each calibration mix, METHODS.md section 2).
+        maximize: per axis, whether larger is better (False for bits per byte).
+
+    Returns:
+        bool array, True on the frontier (points tied on both axes are all on it); NaN points never are.
+    """
+    p = np.column_stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
+    p = p * np.where(np.asarray(maximize, dtype=bool), 1.0, -1.0)  # larger is better on both now
+    ok = np.isfinite(p).all(1)
+    front = np.zeros(len(p), dtype=bool)
+    for i in np.flatnonzero(ok):
+        q = p[ok]
+        dominated = ((q >= p[i]).all(1) & (q > p[i]).any(1)).any()
+        front[i] = not dominated
+    return front
+
+
+def correlation(x, y) -> dict:
+    """Pearson correlation of two paired samples with its two-sided p-value (scipy.stats.pearsonr).
+
+    Returns:
+        dict with ``r``, ``p`` and ``n``; r and p are NaN when n < 3 or either sample is constant
+        (no correlation is defined), never an error.
+    """
+    from scipy.stats import pearsonr
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"x and y must pair up, got {a.shape} and {b.shape}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    n = int(a.size)
+    if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"r": float("nan"), "p": float("nan"), "n": n}
+    r, p = pearsonr(a, b)
+    return {"r": float(r), "p": float(p), "n": n}

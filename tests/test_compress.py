@@ -135,3 +135,19 @@ def test_partial_preservation_ends_match_pruning_and_groups_cover_all(tiny, tmp_
     torch.testing.assert_close(logits(reloaded), logits(half))
     with pytest.raises(ValueError):
         compress.partial_preservation_model(model, obs, 4, preserve_ratio=1.5)
+
+
+def test_slim_model_composes_experts_width_and_depth(smoke):
+    from moelab import data
+
+    model, tok = smoke
+    obs = observe.observe(model, data.calibration_set(tok, "1:1:1", tokens=2048, seq_len=128), progress=False)
+    E, H, n = models.moe_layers(model)[0].num_experts, model.config.hidden_size, len(models.decoder_layers(model))
+    out, info = compress.slim_model(model, obs, remove_layers=1, width_ratio=0.5, num_experts=E // 2,
+                                    criterion="reap", preserve_ratio=0.5)
+    assert len(models.decoder_layers(out)) == n - 1 and out.config.hidden_size == H // 2
+    assert all(l.num_experts == E // 2 for l in models.moe_layers(out))
+    assert info["removed_layers"] == [n - 1] and info["parameters"] < info["original_parameters"] / 2
+    models.check_consistency(out)
+    same, info = compress.slim_model(model, obs)
+    assert same is not model and info["parameters"] == info["original_parameters"]

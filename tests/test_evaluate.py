@@ -382,3 +382,19 @@ def test_paired_difference_pairs_units(tmp_path):
     other = ev.evaluate(UniformLM(), TOK, tasks[:1], progress=False)
     with pytest.raises(ValueError, match="same mc tasks"):
         ev.paired_difference(other, uniform, "mc_acc")
+
+
+def test_paired_difference_over_seeds_adds_the_seed_spread(tmp_path):
+    path = tmp_path / "hand.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in HAND_MC))
+    tasks = [ev.jsonl_mc_task(path)]
+    uniform = ev.evaluate(UniformLM(), TOK, tasks, progress=False)
+    oracle = ev.evaluate(OracleLM([_truth(e) for e in HAND_MC]), TOK, tasks, progress=False)
+    # the same model on every seed: no seed spread, the same figures as single tables
+    one, three = ev.paired_difference(oracle, uniform, "mc_acc"), ev.paired_difference([oracle] * 3, [uniform] * 3, "mc_acc")
+    assert three["diff"] == pytest.approx(one["diff"]) and three["seed_stderr"] == 0
+    assert three["stderr"] == pytest.approx(one["stderr"])
+    # seeds that disagree: the mean difference halves and the seed spread enters the error
+    mixed = ev.paired_difference([oracle, uniform], [uniform, uniform], "mc_acc")
+    assert mixed["diff"] == pytest.approx(0.375) and mixed["seed_stderr"] == pytest.approx(0.375)
+    assert mixed["stderr"] > mixed["unit_stderr"] and mixed["z"] < one["z"]
