@@ -76,6 +76,20 @@ def heldout_nll(model, rows: torch.Tensor, batch_size: int = 8) -> float:
     return total / n
 
 
+_STREAMS: dict = {}
+
+
+def _stream(tokenizer, domain: str, limit: int, seed: int):
+    """Train-split token stream of a domain, kept for later runs (notebooks run many short recoveries)."""
+    key = (id(tokenizer), domain, seed)
+    hit = _STREAMS.get(key)
+    if hit is None or hit[0] is not tokenizer or len(hit[1]) < limit:
+        if len(_STREAMS) > 16:
+            _STREAMS.clear()
+        _STREAMS[key] = (tokenizer, zoo._token_stream(tokenizer, domain, "train", limit=limit, seed=seed))
+    return _STREAMS[key][1][:limit]
+
+
 def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: int = 8, seq_len: int = 256,
             lr: float = 1e-3, lm_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 2.0,
             mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
@@ -115,7 +129,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
     zoo.seed_everything(seed)
     mixd = data.parse_mix(mix)
     need = steps * batch_size * seq_len
-    streams = {d: zoo._token_stream(tokenizer, d, "train", limit=int(need * mixd[d] * 1.5) + 4 * seq_len, seed=seed)
+    streams = {d: _stream(tokenizer, d, int(need * mixd[d] * 1.5) + 4 * seq_len, seed)
                for d in data.DOMAINS if mixd[d] > 0}
     batches = zoo._Batches(streams, mixd, seq_len, batch_size, seed)
     device = next(student.parameters()).device
