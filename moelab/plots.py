@@ -101,3 +101,77 @@ def training_curve(curve: list[dict], window: int = 25, title: str = "Training t
     ax[1].set(xlabel="step", ylabel="load-balancing loss", title="Router balance")
     fig.tight_layout()
     return fig
+
+
+def pareto_scatter(df, *, x: str, y: str, hue: str, label: str | None = None, maximize=(True, True),
+                   xerr: str | None = None, yerr: str | None = None, title: str = "", xlabel: str | None = None,
+                   ylabel: str | None = None, ax=None):
+    """Scatter of two scores per point with each ``hue`` group's Pareto frontier drawn as a line.
+
+    Notebook 02 (REAM, METHODS.md section 2): MC against GEN, one point per calibration mix.
+
+    Args:
+        df: tidy table, one row per point.
+        x, y: the score columns; ``maximize`` says per axis whether larger is better
+            (``moelab.evaluate.pareto_front``).
+        hue: column whose groups get a colour and a frontier each.
+        label: column annotated beside each point (e.g. the mix).
+        xerr, yerr: optional standard-error columns.
+        ax: draw into this Axes instead of a new figure.
+
+    Returns:
+        The Figure.
+    """
+    from .evaluate import pareto_front
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    else:
+        fig = ax.figure
+    for j, (h, sub) in enumerate(df.groupby(hue, sort=False)):
+        color = f"C{j}"
+        ax.errorbar(sub[x], sub[y], xerr=None if xerr is None else sub[xerr], yerr=None if yerr is None else sub[yerr],
+                    fmt="o", color=color, alpha=0.8, ms=5, elinewidth=0.6, capsize=0, label=str(h))
+        front = sub[pareto_front(sub[x], sub[y], maximize)].sort_values(x)
+        ax.plot(front[x], front[y], "-", color=color, lw=1.4, alpha=0.7)
+        if label is not None:  # one annotation per position: points that coincide share it
+            for (px, py), at in sub.groupby([x, y], sort=False):
+                ax.annotate(", ".join(str(t) for t in at[label]), (px, py), fontsize=7, color=color,
+                            xytext=(4, 3 - 10 * j), textcoords="offset points")
+    ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=title)
+    ax.legend(title=hue, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def expert_groups(saliency, groups, *, title: str = "", ylabel: str = "saliency"):
+    """One layer's experts by descending saliency, coloured by their part in a grouping.
+
+    Notebook 02 (REAM's pseudo-pruning, METHODS.md section 2): centroids alone, centroids that absorb
+    members, experts merged into a centroid (labelled with it) and dropped experts.
+
+    Args:
+        saliency: [E] scores.
+        groups: [[centroid, members...], ...]; experts in no group are dropped.
+    """
+    s = np.asarray(saliency, dtype=float)
+    role, parent = {}, {}
+    for g in groups:
+        role[g[0]] = "centroid" if len(g) == 1 else "centroid with members"
+        for m in g[1:]:
+            role[m], parent[m] = "merged into a centroid", g[0]
+    colors = {"centroid": "#4C72B0", "centroid with members": "#55A868", "merged into a centroid": "#DD8452",
+              "dropped": "#AAAAAA"}
+    order = np.argsort(-s, kind="stable")
+    fig, ax = plt.subplots(figsize=(max(6, 0.24 * len(s) + 2), 3.8))
+    ax.bar(np.arange(len(s)), s[order], color=[colors[role.get(int(e), "dropped")] for e in order])
+    for i, e in enumerate(order):
+        if int(e) in parent:
+            ax.annotate(f"→{parent[int(e)]}", (i, s[e]), ha="center", fontsize=7, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(np.arange(len(s)), [str(int(e)) for e in order], fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for r, c in colors.items()]
+    ax.legend(handles, list(colors), fontsize=8, frameon=False)
+    ax.set(xlabel="expert (by descending saliency)", ylabel=ylabel, title=title)
+    fig.tight_layout()
+    return fig
