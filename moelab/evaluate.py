@@ -54,7 +54,7 @@ __all__ = [
     "HumanEvalTask", "perplexity_task", "continuation_mc_task", "jsonl_mc_task", "math_gen_task",
     "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
     "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS", "KINDS",
-    "select_tasks", "pareto_front", "correlation",
+    "select_tasks", "pareto_front", "correlation", "paired_difference", "clearly_better", "clearly_lower",
 ]
 
 KINDS = ("ppl", "mc", "gen")  # Task.kind values: perplexity, multiple choice, generation
