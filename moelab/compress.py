@@ -9,6 +9,11 @@ the model, from one calibration ``Observation`` (``moelab.observe``):
 * ``merge_into_nearest_model`` (METHODS.md section 4, M-SMoE with a uniform per-layer count):
   ``merge.group_nearest`` on a router similarity, ``merge.merge_layer`` with weight matching and
   frequency weights.
+* ``partial_preservation_model`` (METHODS.md section 1, SlimQwen): the top p T experts kept intact,
+  the rest merged into the next (1 - p) T merge bases with importance weights; ``slim_model`` adds
+  width and depth pruning (``moelab.prune``) for SlimQwen's combined student.
+* ``merge_model``: the shared last step of every merging method (groups and weights in, merged
+  copy out).
 * ``naee_select`` / ``naee_model`` (METHODS.md "Baselines", NAEE / O-prune): the kept subset that
   minimises the layer's output reconstruction error on the sampled calibration inputs
   (``LayerStats.input_sample``); exhaustive when the number of subsets allows, greedy backward
@@ -41,7 +46,7 @@ from . import merge, models, observe, scores
 __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
            "ream_groups", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
            "msmoe_groups", "msmoe_total", "msmoe_model", "merged_stable_ranks", "LowRankSparseExperts",
-           "low_rank_sparse_model", "densify", "parameter_count", "relative_inference_time"]
+           "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time"]
 
 
 def _layers(obs) -> Mapping:
@@ -736,9 +741,13 @@ class LowRankSparseExperts(torch.nn.Module):
     @torch.no_grad()
     def use_csr(self, on: bool = True) -> None:
         """Run the residual as CSR sparse matmuls in eval mode (snapshots the current S; call again after training)."""
-        self._csr = None if not on else {
-            m: [(s * k).to_sparse_csr() for s, k in zip(getattr(self, f"S_{m}"), getattr(self, f"mask_{m}"))]
-            for m in _MATRICES}
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self._csr = None if not on else {
+                m: [(s * k).to_sparse_csr() for s, k in zip(getattr(self, f"S_{m}"), getattr(self, f"mask_{m}"))]
+                for m in _MATRICES}
 
     def _project(self, m: str, e: int, x: Tensor, U, V, S) -> Tensor:
         y = (x @ V[e].transpose(0, 1)) @ U[e].transpose(0, 1)
@@ -839,6 +848,15 @@ def densify(model):
             models.set_experts(out, layer.layer_idx, ex.dense_weights(), layer.router_weight())
     models.check_consistency(out)
     return out
+
+
+def use_csr(model, on: bool = True) -> int:
+    """Switch every ``LowRankSparseExperts`` of ``model`` to CSR residual matmuls in eval mode (or back);
+    returns how many were switched. Snapshots the current residuals: call again after training."""
+    found = [ex for _, _, ex in _experts_of(model) if isinstance(ex, LowRankSparseExperts)]
+    for ex in found:
+        ex.use_csr(on)
+    return len(found)
 
 
 def parameter_count(model) -> dict:

@@ -52,6 +52,12 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
     model was loaded from (``source``, or ``config._name_or_path`` / ``name_or_path`` when that is a
     local directory), when any weight is NaN/Inf, and when a MoE model's cached counts disagree with
     its config (see ``moelab.models.check_consistency``).
+
+    A MoE model whose layers keep different expert counts (``models.set_expert_counts_config``) is
+    written in moelab's non-uniform form (``moelab.models`` docstring): config.json with the per-layer
+    counts and the weights in ``models.NONUNIFORM_WEIGHTS``, which ``models.load_model`` / ``zoo.load``
+    reload and plain ``from_pretrained`` refuses. Every other model is a plain ``save_pretrained``
+    checkpoint.
     """
     out = Path(out_dir).expanduser().resolve()
     for src in _source_dirs(model, source):
@@ -67,20 +73,30 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
     check_finite(model)
+    nonuniform = False
     try:
-        from .models import check_consistency, family_of
+        from .models import check_consistency, expert_counts, experts_per_layer, family_of
 
         family_of(model)
     except (ImportError, ValueError):
         pass  # not a supported MoE model: nothing to cross-check
     else:
+        counts = expert_counts(model)
+        nonuniform = len(set(counts.values())) > 1
+        if nonuniform and experts_per_layer(model.config) is None:
+            raise ValueError(
+                f"refusing to save: the MoE layers keep different expert counts {counts} but the config records "
+                "one; call moelab.models.set_expert_counts_config(model) to write the per-layer counts")
         check_consistency(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     old = None
     try:
-        model.save_pretrained(tmp)
+        if nonuniform:
+            _save_nonuniform(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -95,6 +111,26 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _save_nonuniform(model, path: Path) -> None:
+    """Write a model with per-layer expert counts in moelab's form (``moelab.models`` docstring)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    from .models import NONUNIFORM_WEIGHTS
+
+    path.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = next(model.parameters()).dtype
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    # tied tensors (embeddings / LM head) are stored once; the loader restores the tie
+    save_model(model, str(path / NONUNIFORM_WEIGHTS), metadata={"format": "pt", "moelab": "nonuniform-experts/1"},
+               force_contiguous=True)
 
 
 def checkpoint_bytes(path) -> int:

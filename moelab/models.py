@@ -1697,6 +1697,7 @@ def _load_nonuniform(path, device_map=None, dtype=None) -> nn.Module:
         dtype = getattr(torch, dtype)
     with no_init_weights():  # every tensor is loaded below; skip the random initialisation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
     _apply_expert_counts(model, counts)
     check_consistency(model)
     load_safetensors(model, str(path / NONUNIFORM_WEIGHTS), strict=True)  # refuses missing or extra tensors
