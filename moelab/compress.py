@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import merge, models, observe, scores
+from . import merge, models, observe, prune, scores
 
 __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
            "ream_groups", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
@@ -278,8 +278,6 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
         (new model, info) with ``removed_layers``, ``channels`` (kept hidden channels or None) and the
         parameter counts before and after.
     """
-    from . import prune
-
     out, info = model, {"removed_layers": [], "channels": None}
     if num_experts is not None and num_experts < models.moe_layers(model)[0].num_experts:
         out, info["experts"] = partial_preservation_model(model, obs, num_experts, preserve_ratio, criterion, similarity)

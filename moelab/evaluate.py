@@ -424,14 +424,19 @@ class PerplexityTask(Task):
         return [docs[i] for i in order]
 
     def rows(self, tokenizer) -> list[list[int]]:
-        """The packed token rows scored (seq_len tokens each); cached per tokenizer, since every variant
-        of a notebook is scored on the same rows."""
-        cache = self.__dict__.setdefault("_rows_cache", {})
-        key = (id(tokenizer), len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else None)
-        if key not in cache:
-            cache.clear()
-            cache[key] = (tokenizer, self._pack(tokenizer))
-        return cache[key][1]
+        """The packed token rows scored (seq_len tokens each)."""
+        return self._packed(tokenizer)["rows"]
+
+    def _packed(self, tokenizer) -> dict:
+        # Every variant of a notebook is scored on the same rows: pack them (and count the bytes behind
+        # the scored tokens) once per tokenizer. The tokenizer is kept so its id cannot be reused.
+        cached = self.__dict__.get("_packed_cache")
+        if cached is None or cached["tokenizer"] is not tokenizer:
+            rows = self._pack(tokenizer)
+            # the first token of a row is never predicted, so its bytes do not count
+            n_bytes = sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows)
+            cached = self._packed_cache = {"tokenizer": tokenizer, "rows": rows, "bytes": n_bytes}
+        return cached
 
     def _pack(self, tokenizer) -> list[list[int]]:
         docs, need, rows = self.examples(), self.tokens // self.seq_len, []
@@ -456,11 +461,7 @@ class PerplexityTask(Task):
                                                     reduction="none")
             row_nll += nll.view(len(batch), -1).double().mean(1).tolist()
         # The first token of a row is never predicted, so neither its NLL nor its bytes count.
-        entry = self._rows_cache[next(iter(self._rows_cache))]
-        if len(entry) == 2:  # the bytes behind the scored tokens, once per tokenizer
-            entry = self._rows_cache[next(iter(self._rows_cache))] = (
-                *entry, sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows))
-        n_bytes = entry[2]
+        n_bytes = self._packed(tokenizer)["bytes"]
         per = np.asarray(row_nll)
         n, targets = len(per), len(rows) * (self.seq_len - 1)
         nll = float(per.mean())

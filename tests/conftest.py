@@ -12,6 +12,18 @@ os.environ.setdefault("MOELAB_CACHE", str(ROOT / ".cache" / "moelab"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """Seed torch and use one intra-op thread: on a busy 2-core machine tiny models run faster that way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smoke():
     """The smoke zoo model and its tokenizer (built on first use)."""

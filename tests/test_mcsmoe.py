@@ -19,13 +19,7 @@ FAMILIES = list(models.FAMILIES)
 IDS = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -33,14 +33,7 @@ PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # tiny models: one intra-op thread is faster than two fighting over a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(vocab=128, seed=0):
