@@ -409,13 +409,15 @@ class PerplexityTask(Task):
 
     kind = "ppl"
 
-    def __init__(self, domain: str, tokens: int = 16384, seq_len: int = 256, split: str = "eval", seed: int = 0,
-                 name: str | None = None):
+    def __init__(self, domain: str, tokens: int | None = 16384, seq_len: int = 256, split: str = "eval",
+                 seed: int = 0, name: str | None = None):
         if domain not in data.DOMAINS:
             raise ValueError(f"unknown domain {domain!r}; choose one of {data.DOMAINS}")
-        if tokens < seq_len or seq_len < 2:
-            raise ValueError(f"need seq_len >= 2 and tokens >= seq_len, got tokens={tokens}, seq_len={seq_len}")
-        super().__init__(name or f"ppl_{domain}", domain, f"perplexity on {tokens} {split} tokens of {domain}")
+        if seq_len < 2 or (tokens is not None and tokens < seq_len):
+            raise ValueError(f"need seq_len >= 2 and tokens >= seq_len (or tokens=None for the whole split), "
+                             f"got tokens={tokens}, seq_len={seq_len}")
+        amount = f"{tokens}" if tokens is not None else "all"
+        super().__init__(name or f"ppl_{domain}", domain, f"perplexity on {amount} {split} tokens of {domain}")
         self.tokens, self.seq_len, self.split, self.seed = tokens, seq_len, split, seed
 
     def _build(self) -> list[str]:
@@ -438,14 +440,22 @@ class PerplexityTask(Task):
             cached = self._packed_cache = {"tokenizer": tokenizer, "rows": rows, "bytes": n_bytes}
         return cached
 
+    def scored_tokens(self, tokenizer) -> int:
+        """Tokens in the packed rows (rows x seq_len): what the scores are computed on."""
+        return len(self.rows(tokenizer)) * self.seq_len
+
     def _pack(self, tokenizer) -> list[list[int]]:
-        docs, need, rows = self.examples(), self.tokens // self.seq_len, []
+        docs, rows = self.examples(), []
+        need = None if self.tokens is None else self.tokens // self.seq_len
         # Chunks of 64 documents packed one chunk at a time, as calibration_set does.
         for start in range(0, len(docs), 64):
             rows.extend(data.pack_tokens(_encode(tokenizer, docs[start:start + 64]), self.seq_len,
                                          tokenizer.eos_token_id))
-            if len(rows) >= need:
+            if need is not None and len(rows) >= need:
                 return rows[:need]
+        if need is None and len(rows) >= 2:  # the whole split; two rows at least for a standard error
+            return rows
+        need = 2 if need is None else need
         raise ValueError(f"the {self.split} split of {self.domain!r} holds {len(rows)} rows of {self.seq_len} "
                          f"tokens, fewer than the {need} asked for; lower `tokens` or `seq_len`")
 
@@ -1038,9 +1048,10 @@ class HumanEvalTask(GenerationTask):
 
 
 # ----------------------------------------------------------------------------- builders
-def perplexity_task(domain: str, tokens: int = 16384, seq_len: int = 256, split: str = "eval",
+def perplexity_task(domain: str, tokens: int | None = 16384, seq_len: int = 256, split: str = "eval",
                     seed: int = 0) -> Task:
-    """Perplexity / NLL / bits per byte of ``domain`` on ``tokens`` held-out tokens in rows of ``seq_len``."""
+    """Perplexity / NLL / bits per byte of ``domain`` on ``tokens`` held-out tokens in rows of ``seq_len``
+    (``tokens=None``: every full row the split holds)."""
     return PerplexityTask(domain, tokens, seq_len, split, seed)
 
 

@@ -12,6 +12,7 @@ curve (``training_curve.json``) and final per-domain metrics (``build_metrics.js
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from . import data
 from .kernels import KERNEL_NAME, register
 
-RECIPE_VERSION = 2  # bump when training code changes what a recipe produces
+RECIPE_VERSION = 3  # bump for a change the code fingerprint cannot see (an input file, a dependency's behaviour)
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,14 @@ class Recipe:
     weight_decay: float = 0.1
     mix: tuple = (1.0, 1.0, 1.0)   # training mix general:math:code
     tokenizer_chars: int = 2_000_000  # characters per domain the tokenizer is trained on
-    eval_tokens: int = 65_536      # held-out tokens per domain for the final metrics
+    eval_tokens: int = 65_536      # held-out tokens per domain for the final metrics, at most (a domain
+                                   # whose eval split holds fewer is scored on all of its full rows)
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "data": data.DATA_VERSION}, sort_keys=True)
+        """Cache key: the recipe, the version, and the fingerprint of the code that builds it."""
+        blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "data": data.DATA_VERSION,
+                           "code": build_fingerprint()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -155,6 +159,48 @@ def build_config(recipe: Recipe, tokenizer):
     raise ValueError(f"unknown recipe family {recipe.family!r}; choose qwen3_moe, mixtral or deepseek_v3")
 
 
+# ----------------------------------------------------------------------------- what decides a checkpoint
+# Everything whose source decides a zoo checkpoint's bytes or its stored metrics. Its fingerprint is
+# part of every recipe key, so a change to any of it names a new cache entry: no cache keeps a model
+# that today's code would not build. (Data constants are included through their repr.)
+_BUILD_CODE = (
+    "zoo:Recipe", "zoo:seed_everything", "zoo:train_tokenizer", "zoo:build_config", "zoo:_token_stream",
+    "zoo:_Batches", "zoo:_preflight", "zoo:_eval_tasks", "zoo:train",
+    "kernels:",  # the whole module: training runs through moelab's experts kernel
+    "data:DATA_VERSION", "data:DOMAINS", "data:SPLITS", "data:SPLIT_SHARES", "data:MATH_PROBLEMS",
+    "data:_MATH_SEEDS", "data:_ARITH", "data:_ARITH_SHARE", "data:_WIKI_FILE", "data:_CODE_SKIP",
+    "data:split_of", "data:_clean_wiki", "data:_general_documents", "data:_format_problem", "data:math_problems",
+    "data:_math_problems", "data:_math_documents", "data:_code_files", "data:_code_documents",
+    "data:_all_documents", "data:documents", "data:texts", "data:parse_mix", "data:pack_tokens",
+    "evaluate:_encode", "evaluate:Score", "evaluate:Task", "evaluate:PerplexityTask", "evaluate:perplexity_task",
+    "evaluate:evaluate",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def build_fingerprint() -> str:
+    """A hash of the source of everything in ``_BUILD_CODE`` and of the libraries that train the model."""
+    import importlib
+    import inspect
+
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    for ref in _BUILD_CODE:
+        module_name, _, attr = ref.partition(":")
+        module = importlib.import_module(f"moelab.{module_name}")
+        obj = getattr(module, attr) if attr else module
+        try:
+            text = inspect.getsource(obj)
+        except TypeError:  # a constant
+            text = repr(obj)
+        h.update(ref.encode() + b"\0" + text.encode() + b"\0")
+    for lib in (torch, transformers, tokenizers):
+        h.update(f"{lib.__name__}={lib.__version__}".encode())
+    return h.hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------- training
 def _token_stream(tokenizer, domain: str, split: str, limit: int | None = None, seed: int | None = None) -> np.ndarray:
     """Token ids of a domain's split, documents separated by EOS, at most ``limit`` tokens.
@@ -196,8 +242,56 @@ class _Batches:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
+def _eval_tasks(recipe: Recipe) -> list:
+    """The held-out perplexity tasks of a build: every domain's eval split, up to ``eval_tokens``."""
+    from . import evaluate
+
+    return [evaluate.perplexity_task(d, tokens=None, seq_len=recipe.seq_len, seed=recipe.seed)
+            for d in data.DOMAINS]
+
+
+def _preflight(recipe: Recipe, tokenizer, out_dir: Path, streams: dict, tasks: list) -> dict[str, int]:
+    """Check, before training, that every step after training has what it needs; fail in seconds.
+
+    The tokenizer reloads from ``out_dir`` with the same ids; every training stream holds more than one
+    window; every domain's eval split packs into at least two rows (a standard error needs two); the
+    config serialises. Caps each eval task at ``recipe.eval_tokens`` and returns the tokens each
+    domain will be scored on.
+
+    Raises:
+        ValueError: naming the domain or file that is missing and what to change in the recipe.
+    """
+    from transformers import AutoTokenizer
+
+    probe = "def f(x):\n    return x + 1  # Question: 12 + 30 = 42"
+    again = AutoTokenizer.from_pretrained(out_dir)
+    if again(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+        raise ValueError(f"the tokenizer saved in {out_dir} does not reload to the same ids; check tokenizer.json")
+    for d, stream in streams.items():
+        if len(stream) <= recipe.seq_len + 1:
+            raise ValueError(f"the train split of {d!r} holds {len(stream)} tokens, not enough for one window of "
+                             f"seq_len={recipe.seq_len}; lower seq_len or give {d!r} no share of the training mix")
+    eval_tokens = {}
+    for task in tasks:
+        try:
+            rows = task.rows(tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"cannot evaluate the build on {task.domain!r}: {exc}") from None
+        keep = max(2, min(len(rows), recipe.eval_tokens // recipe.seq_len))
+        task.tokens = keep * recipe.seq_len
+        task._packed_cache = None  # repack at the capped size (the same first rows)
+        eval_tokens[task.domain] = task.scored_tokens(tokenizer)
+    build_config(recipe, tokenizer).to_json_string()
+    return eval_tokens
+
+
 def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
-    """Build the recipe's tokenizer and model into ``out_dir`` (which must not exist yet)."""
+    """Build the recipe's tokenizer and model into ``out_dir`` (which must not exist yet).
+
+    Steps: tokenizer, training streams, a preflight of everything needed after training
+    (``_preflight``), training, held-out evaluation on each domain's eval split (up to
+    ``recipe.eval_tokens`` tokens; ``build_metrics.json`` says how many), save.
+    """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -207,16 +301,18 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     tokenizer = train_tokenizer(recipe, out_dir)
     t_tok = time.time() - t0
     config = build_config(recipe, tokenizer)
-    register()
-    config._experts_implementation = KERNEL_NAME
-    seed_everything(recipe.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.set_experts_implementation(KERNEL_NAME)
     mix = data.parse_mix(recipe.mix)
     need = recipe.steps * recipe.batch_size * recipe.seq_len
     streams = {d: _token_stream(tokenizer, d, "train", limit=int(need * mix[d] * 1.5) + 4 * recipe.seq_len,
                                 seed=recipe.seed)
                for d in data.DOMAINS if mix[d] > 0}
+    tasks = _eval_tasks(recipe)
+    eval_tokens = _preflight(recipe, tokenizer, out_dir, streams, tasks)
+    register()
+    config._experts_implementation = KERNEL_NAME
+    seed_everything(recipe.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.set_experts_implementation(KERNEL_NAME)
     batches = _Batches(streams, mix, recipe.seq_len, recipe.batch_size, recipe.seed)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -244,8 +340,8 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        aux = float(out.aux_loss) if getattr(out, "aux_loss", None) is not None else 0.0
-        lm = float(out.loss) - recipe.router_aux_loss_coef * aux
+        aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else 0.0
+        lm = float(out.loss.detach()) - recipe.router_aux_loss_coef * aux
         curve.append({"step": step, "lm_loss": lm, "aux_loss": aux, "lr": lr_at(step),
                       "seconds": time.time() - t_train})
         if step % 10 == 0:
@@ -257,17 +353,17 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
                "tokens_trained": recipe.steps * recipe.batch_size * recipe.seq_len,
                "train_seconds": train_seconds, "tokenizer_seconds": t_tok,
                "tokens_per_second": recipe.steps * recipe.batch_size * recipe.seq_len / train_seconds,
-               "torch_threads": torch.get_num_threads(), "eval": {}}
+               "torch_threads": torch.get_num_threads(), "code_fingerprint": build_fingerprint(),
+               "eval_tokens": eval_tokens, "eval": {}}
     # Held-out metrics with the same task the notebooks use (moelab.evaluate), so the figures agree.
     from . import evaluate
 
-    tasks = [evaluate.perplexity_task(d, tokens=recipe.eval_tokens, seq_len=recipe.seq_len, seed=recipe.seed)
-             for d in data.DOMAINS]
     table = evaluate.evaluate(model, tokenizer, tasks, progress=False)
     for d in data.DOMAINS:
         rows = table[table.domain == d]
         metrics["eval"][d] = {r.metric: r.value for r in rows.itertuples()}
         metrics["eval"][d].update({f"{r.metric}_stderr": r.stderr for r in rows.itertuples()})
+        metrics["eval"][d]["tokens"] = eval_tokens[d]
     metrics["build_seconds"] = time.time() - t0
     model.config._experts_implementation = None  # a saved checkpoint must not need moelab to load
     model.save_pretrained(out_dir)

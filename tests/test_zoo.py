@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,3 +74,67 @@ def test_recipe_trains_other_families(family, tmp_path):
     out = zoo.train(recipe, tmp_path / family, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == family
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(zoo.RECIPES))
+def test_every_recipe_builds_end_to_end(name, tmp_path):
+    """Each registered recipe as it is, its training cut to two steps: tokenizer, preflight, held-out
+    evaluation on what each eval split holds, save, and a reload with identical logits."""
+    from dataclasses import replace
+
+    from moelab import data
+
+    recipe = replace(zoo.RECIPES[name], steps=2, warmup=1)
+    out = zoo.train(recipe, tmp_path / name, progress=False)
+    metrics = json.loads((out / "build_metrics.json").read_text())
+    assert metrics["code_fingerprint"] == zoo.build_fingerprint()
+    for d in data.DOMAINS:
+        tokens = metrics["eval"][d]["tokens"]
+        assert tokens == metrics["eval_tokens"][d] and tokens % recipe.seq_len == 0
+        assert 2 * recipe.seq_len <= tokens <= max(recipe.eval_tokens, 2 * recipe.seq_len)
+        assert np.isfinite(metrics["eval"][d]["bits_per_byte"]) and metrics["eval"][d]["ppl_stderr"] > 0
+    model, tok = zoo.load(str(out))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok("Question: 2 + 3 =", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+
+
+def test_build_fails_before_training_when_eval_data_is_missing(tmp_path, monkeypatch):
+    """A recipe whose evaluation would fail stops in the preflight: no training step runs."""
+    from dataclasses import replace
+
+    from moelab import evaluate
+
+    build = evaluate.PerplexityTask._build
+    monkeypatch.setattr(evaluate.PerplexityTask, "_build",
+                        lambda self: [] if self.domain == "code" else build(self))
+    steps = []
+    monkeypatch.setattr(zoo._Batches, "__next__", lambda self: steps.append(1) or 1 / 0)
+    recipe = replace(zoo.RECIPES["smoke"], tokenizer_chars=50_000)
+    with pytest.raises(ValueError, match="cannot evaluate the build on 'code'.*eval split of 'code' holds 0 rows"):
+        zoo.train(recipe, tmp_path / "m", progress=False)
+    assert not steps and not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_recipe_key_follows_the_build_code(monkeypatch):
+    """Editing any code that decides a checkpoint names a new cache entry (no stale cached model)."""
+    import importlib
+    import inspect
+
+    for ref in zoo._BUILD_CODE:  # every listed name still exists
+        module, _, attr = ref.partition(":")
+        mod = importlib.import_module(f"moelab.{module}")
+        assert not attr or hasattr(mod, attr), ref
+    before = zoo.RECIPES["smoke"].key()
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda obj: real(obj) + ("# edited" if obj is zoo._Batches else ""))
+    zoo.build_fingerprint.cache_clear()
+    try:
+        assert zoo.RECIPES["smoke"].key() != before
+    finally:
+        monkeypatch.undo()
+        zoo.build_fingerprint.cache_clear()
+    assert zoo.RECIPES["smoke"].key() == before
