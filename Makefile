@@ -1,13 +1,16 @@
 # moelab: two commands do everything (see README.md).
 #   make reproduce   set up .venv, build the embedded model, run every notebook (full preset)
 #   make test        set up .venv, run the package tests and the notebooks' smoke runs
-# Options: PRESET=full|smoke, NB=<notebook stem> (one notebook alone), PYTHON=<interpreter for the venv>,
-#          VENV=<path> (default .venv).
+# Options: PRESET=full|smoke|paper, NB=<notebook stem> (one notebook alone), P="NAME=VALUE ..." (parameters
+#          on top of the preset, e.g. P="MODEL=/ckpt/mixtral DTYPE=bfloat16"), PARAMS=<file.yaml>,
+#          PYTHON=<interpreter for the venv>, VENV=<path> (default .venv).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PRESET ?= full
 NB     ?=
+P      ?=
+PARAMS ?=
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moelab-installed
 
@@ -29,7 +32,8 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 reproduce: $(STAMP)
-	$(PY) -m moelab.runner --preset $(PRESET) $(if $(NB),--notebook $(NB),)
+	$(PY) -m moelab.runner --preset $(PRESET) $(if $(NB),--notebook $(NB),) $(if $(PARAMS),--params $(PARAMS),) \
+		$(foreach p,$(P),-p '$(p)')
 
 notebooks: reproduce
 

@@ -33,7 +33,6 @@ Notebook 03 (DERN) compares them with ``prune.prune`` (frequency, REAP).
 
 from __future__ import annotations
 
-import copy
 import math
 from itertools import combinations
 from typing import Mapping, Sequence
@@ -56,7 +55,7 @@ def _layers(obs) -> Mapping:
 def _edit_copy(model, obs, num_experts: int):
     """Validate the target, copy the model, and pair each MoE layer of the copy with its statistics."""
     models.check_target(model, num_experts)
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     stats = _layers(obs)
     return out, [(layer, stats[layer.layer_idx]) for layer in models.moe_layers(out)]
 
@@ -199,7 +198,7 @@ def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[in
         models.check_target(model, num_experts)
     else:
         models.check_layer_counts(model, counts)
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     for layer in models.moe_layers(out):
         i = layer.layer_idx
         X = samples.get(i) if samples is not None else None
@@ -286,7 +285,7 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
     if remove_layers:
         out, info["removed_layers"] = prune.remove_layers(out, obs, remove_layers, depth_how)
     if out is model:
-        out = copy.deepcopy(model)
+        out = models.variant(model)
     info["parameters"] = sum(p.numel() for p in out.parameters())
     info["original_parameters"] = sum(p.numel() for p in model.parameters())
     return out, info
@@ -314,20 +313,22 @@ class _SubsetRouting:
 def expert_outputs(layer: models.MoELayer, X: Tensor) -> Tensor:
     """Un-gated outputs of every expert on ``X`` [n, H]: [E, n, H] in float32 (float64 stays float64)."""
     dt = torch.float64 if X.dtype == torch.float64 else torch.float32
-    x = X.to(layer.router_weight().dtype)
+    w = layer.router_weight()
+    x = X.to(device=w.device, dtype=w.dtype)  # samples live on the CPU, weights anywhere
     return torch.stack([layer.expert_forward(e, x).to(dt) for e in range(layer.num_experts)])
 
 
 @torch.no_grad()
 def _subset_output(layer: models.MoELayer, X: Tensor, logits: Tensor, kept: Tensor, Y: Tensor | None) -> Tensor:
     """The routed experts' output (no shared expert) of the layer pruned to ``kept``, [n, H]."""
+    kept = kept.to(X.device)
     r = models._route(_SubsetRouting(layer, kept), X, logits[:, kept])
     idx = kept[r.topk_idx]  # [n, K] original expert indices
     w = r.topk_weight.to(Y.dtype if Y is not None else torch.float32)
     if not layer.spec.weight_on_input:
         n = X.shape[0]
-        return (w[..., None] * Y[idx, torch.arange(n)[:, None]]).sum(1)
-    out = torch.zeros(X.shape[0], X.shape[1], dtype=w.dtype)
+        return (w[..., None] * Y[idx, torch.arange(n, device=X.device)[:, None]]).sum(1)
+    out = torch.zeros(X.shape[0], X.shape[1], dtype=w.dtype, device=X.device)
     for e in idx.unique().tolist():  # the weight scales the input (Llama4): no cached outputs
         tok, pos = torch.where(idx == e)
         out.index_add_(0, tok, layer.expert_forward(e, X[tok] * w[tok, pos, None].to(X.dtype)).to(out.dtype))
@@ -339,7 +340,8 @@ class _Reconstruction:
 
     def __init__(self, layer: models.MoELayer, X: Tensor):
         self.layer = layer
-        self.X = X.to(layer.router_weight().dtype)
+        w = layer.router_weight()
+        self.X = X.to(device=w.device, dtype=w.dtype)  # samples live on the CPU, weights anywhere
         self.logits = layer.router_logits(self.X)
         self.Y = None if layer.spec.weight_on_input else expert_outputs(layer, self.X)
         all_e = torch.arange(layer.num_experts)
@@ -423,7 +425,7 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
         keep[layer.layer_idx] = kept.tolist()
         info[layer.layer_idx] = {"kept": kept.tolist(), "method": method, "error": e,
                                  "relative_error": e / full if full > 0 else 0.0}
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     models.prune_experts(out, keep)
     return out, info
 
@@ -508,7 +510,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()},
                           **merge_kwargs)
         return out, info
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     by_idx = {layer.layer_idx: layer for layer in models.moe_layers(out)}
 
     def edit(layer_idx, st):
@@ -697,12 +699,15 @@ class LowRankSparseExperts(torch.nn.Module):
     """A MoE layer's routed experts stored as W ~ U V + S (MC-SMoE's compression, METHODS.md section 4).
 
     For every expert and each of its matrices (gate, up ``[I, H]``, down ``[H, I]``): ``U_<m>`` ``[E, rows, r]``,
-    ``V_<m>`` ``[E, r, cols]`` and the sparse residual ``S_<m> * mask_<m>`` (``S`` kept dense, ``mask`` a
-    buffer: only kept entries count, act and train). It replaces a family's fused experts module and
-    is called the same way, ``(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``,
-    over tokens sorted by expert (as ``moelab.kernels``). ``use_csr()`` switches inference to torch's
-    CSR sparse matmul for the residual. ``dense_weights()`` gives the uniform dense W = U V + S.
-    The replaced module is kept (unregistered) so ``densify`` can put dense weights back.
+    ``V_<m>`` ``[E, r, cols]`` and the sparse residual as its kept entries only: values ``S_<m>`` ``[E, k]``
+    (a parameter: they act and train) at flat positions ``Sidx_<m>`` ``[E, k]`` (an int32 buffer), k the
+    kept count of one matrix. Nothing dense is stored; the forward scatters one expert's residual at a
+    time. It replaces a family's fused experts module and is called the same way,
+    ``(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``, over tokens sorted by
+    expert (as ``moelab.kernels``). ``use_csr()`` switches inference to torch's CSR sparse matmul for the
+    residual. ``dense_weights()`` gives the uniform dense W = U V + S. The replaced module is kept
+    (unregistered; in a ``models.variant`` it shares the original's tensors) so ``densify`` can put
+    dense weights back.
     """
 
     def __init__(self, weights: Mapping[str, Tensor], rank: int, sparsity: float, act_fn, dense_module=None):
@@ -710,12 +715,12 @@ class LowRankSparseExperts(torch.nn.Module):
         self.num_experts, self.rank, self.sparsity = weights["gate"].shape[0], int(rank), float(sparsity)
         self.act_fn = act_fn
         for name in _MATRICES:
-            parts = [merge.low_rank_sparse(W, rank, sparsity) for W in weights[name]]
-            U, V, S = (torch.stack([p[i] for p in parts]) for i in range(3))
+            parts = [merge.low_rank_sparse(W, rank, sparsity, sparse_out=True) for W in weights[name]]
+            U, V, idx, vals = (torch.stack([p[i] for p in parts]) for i in range(4))
             self.register_parameter(f"U_{name}", torch.nn.Parameter(U.contiguous()))
             self.register_parameter(f"V_{name}", torch.nn.Parameter(V.contiguous()))
-            self.register_parameter(f"S_{name}", torch.nn.Parameter(S.contiguous()))
-            self.register_buffer(f"mask_{name}", (S != 0).to(S.dtype))
+            self.register_parameter(f"S_{name}", torch.nn.Parameter(vals.contiguous()))
+            self.register_buffer(f"Sidx_{name}", idx.to(torch.int32).contiguous())
         for b in ("gate_bias", "up_bias", "down_bias"):
             if b in weights:
                 self.register_parameter(b, torch.nn.Parameter(weights[b].clone()))
@@ -724,15 +729,21 @@ class LowRankSparseExperts(torch.nn.Module):
 
     def num_parameters(self) -> int:
         """Stored parameters as the paper counts them: U, V, the kept residual entries, biases."""
-        n = sum(getattr(self, f"{p}_{m}").numel() for p in ("U", "V") for m in _MATRICES)
-        n += sum(int(getattr(self, f"mask_{m}").sum()) for m in _MATRICES)
+        n = sum(getattr(self, f"{p}_{m}").numel() for p in ("U", "V", "S") for m in _MATRICES)
         return n + sum(getattr(self, b).numel() for b in ("gate_bias", "up_bias", "down_bias") if hasattr(self, b))
+
+    def residual(self, m: str, e: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Expert ``e``'s dense residual S of matrix ``m`` (built on demand; differentiable in the values)."""
+        vals = getattr(self, f"S_{m}")[e]
+        rows, cols = getattr(self, f"U_{m}").shape[1], getattr(self, f"V_{m}").shape[2]
+        flat = torch.zeros(rows * cols, dtype=dtype or vals.dtype, device=vals.device)
+        return flat.scatter(0, getattr(self, f"Sidx_{m}")[e].long(), vals.to(flat.dtype)).view(rows, cols)
 
     @torch.no_grad()
     def dense_weights(self) -> dict[str, Tensor]:
-        """Uniform dense weights W = U V + S * mask (gate/up ``[E, I, H]``, down ``[E, H, I]``, biases)."""
-        out = {m: getattr(self, f"U_{m}") @ getattr(self, f"V_{m}") + getattr(self, f"S_{m}") * getattr(self, f"mask_{m}")
-               for m in _MATRICES}
+        """Uniform dense weights W = U V + S (gate/up ``[E, I, H]``, down ``[E, H, I]``, biases)."""
+        out = {m: getattr(self, f"U_{m}") @ getattr(self, f"V_{m}")
+               + torch.stack([self.residual(m, e) for e in range(self.num_experts)]) for m in _MATRICES}
         out.update({b: getattr(self, b).detach().clone() for b in ("gate_bias", "up_bias", "down_bias") if hasattr(self, b)})
         return out
 
@@ -741,18 +752,24 @@ class LowRankSparseExperts(torch.nn.Module):
         """Run the residual as CSR sparse matmuls in eval mode (snapshots the current S; call again after training)."""
         import warnings
 
+        S0 = self.S_gate
+        # torch's CPU CSR matmul has no bf16/fp16 kernel: there the residual runs in float32 and its
+        # product is cast back (CUDA's cuSPARSE takes bf16 as it is).
+        self._csr_dtype = S0.dtype if S0.device.type != "cpu" or S0.dtype in (torch.float32, torch.float64) \
+            else torch.float32
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             self._csr = None if not on else {
-                m: [(s * k).to_sparse_csr() for s, k in zip(getattr(self, f"S_{m}"), getattr(self, f"mask_{m}"))]
+                m: [self.residual(m, e, self._csr_dtype).to_sparse_csr() for e in range(self.num_experts)]
                 for m in _MATRICES}
 
-    def _project(self, m: str, e: int, x: Tensor, U, V, S) -> Tensor:
+    def _project(self, m: str, e: int, x: Tensor, U, V) -> Tensor:
         y = (x @ V[e].transpose(0, 1)) @ U[e].transpose(0, 1)
         if self._csr is not None and not self.training:
-            y = y + torch.sparse.mm(self._csr[m][e], x.transpose(0, 1)).transpose(0, 1)
+            xt = x.transpose(0, 1).to(self._csr_dtype)
+            y = y + torch.sparse.mm(self._csr[m][e], xt).transpose(0, 1).to(y.dtype)
         else:
-            y = y + x @ S[e].transpose(0, 1)
+            y = y + x @ self.residual(m, e, x.dtype).transpose(0, 1)
         bias = getattr(self, f"{m}_bias", None)
         return y if bias is None else y + bias[e]
 
@@ -764,9 +781,7 @@ class LowRankSparseExperts(torch.nn.Module):
         order = order[:sum(counts)]  # indices >= E (expert-parallel sentinels) are skipped
         token_idx = order // K
         w_sorted = top_k_weights.reshape(-1)[order]
-        fac = {m: (getattr(self, f"U_{m}").unbind(0), getattr(self, f"V_{m}").unbind(0),
-                   None if (self._csr is not None and not self.training)
-                   else (getattr(self, f"S_{m}") * getattr(self, f"mask_{m}")).unbind(0)) for m in _MATRICES}
+        fac = {m: (getattr(self, f"U_{m}").unbind(0), getattr(self, f"V_{m}").unbind(0)) for m in _MATRICES}
         outs = []
         for e, xs in enumerate(hidden_states[token_idx].split(counts)):
             if counts[e] == 0:
@@ -809,7 +824,7 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
     """
     if (rank is None) == (rank_fraction is None):
         raise ValueError("give exactly one of rank and rank_fraction")
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     info = {}
     for layer in models.moe_layers(out):
         spec = layer.spec
@@ -835,7 +850,7 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
 def densify(model):
     """A dense copy of a ``low_rank_sparse_model`` result: every ``LowRankSparseExperts`` becomes its
     family's fused experts module holding W = U V + S (same function; the checkpoint stays dense)."""
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     factored = [(block, name, ex) for block, name, ex in _experts_of(out) if isinstance(ex, LowRankSparseExperts)]
     for block, name, ex in factored:
         setattr(block, name, ex._dense)
@@ -892,12 +907,22 @@ def relative_inference_time(variants: Mapping[str, torch.nn.Module], input_ids: 
 
     names = list(variants)
     times = {n: [] for n in names}
+
+    def sync(device):  # CUDA runs asynchronously: wait for the kernels before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for r in range(warmup + repeats):
         for n in names:
             m = variants[n]
             m.eval()
+            device = models.input_device(m)
+            ids = input_ids.to(device)
+            sync(device)
             t0 = time.perf_counter()
-            m(input_ids=input_ids)
+            with torch.no_grad():
+                m(input_ids=ids)
+            sync(device)
             if r >= warmup:
                 times[n].append(time.perf_counter() - t0)
     ref = times[names[0]]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import sysconfig
@@ -138,6 +140,12 @@ def math_problems(split: str, n: int | None = None) -> list[dict]:
         n: how many (default ``MATH_PROBLEMS[split]``).
     """
     n = MATH_PROBLEMS[split] if n is None else n
+    snap = _snapshot()
+    if snap is not None:
+        if n != MATH_PROBLEMS[split]:
+            raise ValueError(f"the data snapshot {os.environ[SNAPSHOT_ENV]} holds the default {MATH_PROBLEMS[split]} "
+                             f"{split} problems, not {n}; unset {SNAPSHOT_ENV} to generate them")
+        return [dict(p) for p in snap["math_problems"][split]]
     return list(_math_problems(split, n))
 
 
@@ -220,6 +228,9 @@ def documents(domain: str, split: str) -> list[Document]:
         raise ValueError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    snap = _snapshot()
+    if snap is not None:
+        return [Document(domain, key, text) for key, text in snap["documents"][domain][split]]
     if domain == "math":
         return _math_documents(split)
     # Split by content, not by key: a text that occurs twice (the Lee corpus repeats some stories)
@@ -232,6 +243,53 @@ def documents(domain: str, split: str) -> list[Document]:
         seen.add(d.text)
         out.append(d)
     return out
+
+
+# ----------------------------------------------------------------------------- snapshots
+SNAPSHOT_ENV = "MOELAB_DATA_SNAPSHOT"
+
+
+def export_snapshot(path) -> Path:
+    """Write every document of every domain and split, and the math problems, to one xz-compressed JSON.
+
+    A machine without gensim or reasoning-gym, or with another Python (whose stdlib is the code domain),
+    reads the very same text when ``MOELAB_DATA_SNAPSHOT`` names such a file (the GPU check carries one).
+    """
+    import lzma
+
+    payload = {"data_version": DATA_VERSION,
+               "documents": {d: {s: [[doc.key, doc.text] for doc in documents(d, s)] for s in SPLITS}
+                             for d in DOMAINS},
+               "math_problems": {s: math_problems(s) for s in SPLITS}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with lzma.open(tmp, "wt", encoding="utf-8", preset=6) as fh:
+        json.dump(payload, fh)
+    os.replace(tmp, path)
+    return path
+
+
+@lru_cache(maxsize=4)
+def _read_snapshot(path: str) -> dict:
+    import lzma
+
+    with lzma.open(path, "rt", encoding="utf-8") as fh:
+        snap = json.load(fh)
+    if snap.get("data_version") != DATA_VERSION:
+        raise ValueError(f"the data snapshot {path} is of data version {snap.get('data_version')}, this moelab "
+                         f"reads version {DATA_VERSION}; export a new one with moelab.data.export_snapshot")
+    return snap
+
+
+def _snapshot() -> dict | None:
+    """The snapshot ``MOELAB_DATA_SNAPSHOT`` names, or None (text is then read from the packages)."""
+    path = os.environ.get(SNAPSHOT_ENV)
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{SNAPSHOT_ENV}={path} names no file; export one with moelab.data.export_snapshot")
+    return _read_snapshot(str(Path(path).resolve()))
 
 
 def texts(domain: str, split: str) -> list[str]:
@@ -259,7 +317,8 @@ def parse_mix(mix: str | Sequence[float] | dict) -> dict[str, float]:
         weights = [float(mix.get(d, 0.0)) for d in DOMAINS]
     else:
         weights = [float(x) for x in mix]
-    if len(weights) != len(DOMAINS) or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if (len(weights) != len(DOMAINS) or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or not 0 < sum(weights) < math.inf):
         raise ValueError(
             f"calibration mix {mix!r} is not valid: give three non-negative shares general:math:code "
             "that do not all vanish, e.g. '0:0.3:0.7', or a single domain name"
@@ -276,6 +335,8 @@ def mix_label(mix) -> str:
 
 def pack_tokens(token_lists: Iterable[list[int]], seq_len: int, eos_id: int | None) -> list[list[int]]:
     """Concatenate tokenised documents (separated by EOS) and cut them into full rows of seq_len."""
+    if not isinstance(seq_len, numbers.Integral) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive whole number of tokens, got {seq_len!r}")
     rows, buf = [], []
     for ids in token_lists:
         buf.extend(ids)
@@ -317,10 +378,15 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
     import numpy as np
 
     shares = parse_mix(mix)
+    if not isinstance(seq_len, numbers.Integral) or isinstance(seq_len, bool) or seq_len < 2:
+        raise ValueError(f"seq_len must be a whole number of tokens >= 2, got {seq_len!r}")
+    if not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool):
+        raise ValueError(f"tokens must be a whole number, got {tokens!r}")
     if tokens < seq_len:
         raise ValueError(f"token budget {tokens} is below one row of seq_len={seq_len}; raise `tokens`")
-    key = hashlib.sha256(json.dumps([mix_label(mix), tokens, seq_len, split, seed, _tokenizer_key(tokenizer)])
-                         .encode()).hexdigest()[:16]
+    # The key holds the exact shares (repr of each float), not the rounded label: 0.104:0.896 is not 0.1:0.9.
+    key = hashlib.sha256(json.dumps([[repr(shares[d]) for d in DOMAINS], tokens, seq_len, split, seed,
+                                     _tokenizer_key(tokenizer)]).encode()).hexdigest()[:16]
     path = cache_dir() / "calib" / key
     if cache and path.exists():
         return datasets.load_from_disk(str(path))

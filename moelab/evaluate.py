@@ -79,8 +79,11 @@ def _binomial_stderr(p: float, n: int) -> float:
 
 # ----------------------------------------------------------------------------- model helpers
 def _device(model) -> torch.device:
+    """Where input ids go: the input embeddings' device (a dispatched model moves activations itself)."""
+    from .models import input_device
+
     try:
-        return next(model.parameters()).device
+        return input_device(model)
     except (StopIteration, AttributeError):
         return torch.device("cpu")
 

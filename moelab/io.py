@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["check_finite", "checkpoint_bytes", "save_checkpoint", "record", "load_record", "write_json_atomic",
-           "git_revision", "package_versions"]
+__all__ = ["check_finite", "checkpoint_bytes", "source_bytes", "save_checkpoint", "save_and_check", "model_dtype",
+           "record", "load_record", "write_json_atomic", "git_revision", "package_versions"]
 
 
 def _source_dirs(model, source) -> list[Path]:
@@ -43,8 +43,57 @@ def check_finite(model) -> None:
             )
 
 
-def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, source=None) -> Path:
+def model_dtype(model) -> torch.dtype:
+    """The dtype of a model's floating-point weights (the first floating parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"unknown floating dtype {dtype!r}; use e.g. 'bfloat16', 'float16' or 'float32'")
+    return value
+
+
+def save_dtype(model, dtype="source") -> torch.dtype:
+    """The dtype a checkpoint of ``model`` is written in.
+
+    ``"source"``: the dtype of the checkpoint the model was loaded from (``models.load_model`` records
+    it as ``model.moelab_source_dtype``; a bf16 hub checkpoint loaded in float32 for CPU numerics is
+    saved in bf16 again), else the model's own; None: the model's own; or a dtype / its name.
+    """
+    if dtype == "source":
+        return _as_dtype(getattr(model, "moelab_source_dtype", None)) or model_dtype(model)
+    return _as_dtype(dtype) or model_dtype(model)
+
+
+def _cast_state_dict(model, dtype: torch.dtype) -> dict:
+    """The model's state dict with floating tensors in ``dtype`` on the CPU (what gets written).
+
+    Tensors that are one tensor in the model (tied embeddings and LM head) stay one tensor, so the
+    checkpoint stores them once as ``save_pretrained`` would.
+    """
+    out, cast = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.device)
+        if key not in cast:
+            cast[key] = v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v.detach().cpu()
+        out[k] = cast[key]
+    return out
+
+
+def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, source=None,
+                    dtype="source") -> Path:
     """Save ``model`` (and ``tokenizer``) to ``out_dir`` atomically and return the resolved path.
+
+    The weights are written in ``save_dtype(model, dtype)``: by default the source checkpoint's dtype,
+    so a bf16 checkpoint pruned in float32 is a bf16 checkpoint again (and really smaller).
 
     The checkpoint is written to a temporary sibling directory and renamed into place, so an
     interrupted save leaves no half-written checkpoint at ``out_dir``. Refuses when ``out_dir``
@@ -89,14 +138,18 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
                 "one; call moelab.models.set_expert_counts_config(model) to write the per-layer counts")
         check_consistency(model)
 
+    target = save_dtype(model, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     old = None
     try:
         if nonuniform:
-            _save_nonuniform(model, tmp)
-        else:
+            _save_nonuniform(model, tmp, target)
+        elif target == model_dtype(model):
             model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=_cast_state_dict(model, target))
+            _set_config_dtype(tmp, target)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -113,29 +166,146 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
     return out
 
 
-def _save_nonuniform(model, path: Path) -> None:
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Record the dtype the weights were written in (save_pretrained writes the in-memory one)."""
+    import json
+
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _save_nonuniform(model, path: Path, dtype: torch.dtype | None = None) -> None:
     """Write a model with per-layer expert counts in moelab's form (``moelab.models`` docstring)."""
     import copy
 
-    from safetensors.torch import save_model
+    from safetensors.torch import _remove_duplicate_names, save_file
 
     from .models import NONUNIFORM_WEIGHTS
 
+    dtype = dtype or model_dtype(model)
     path.mkdir(parents=True)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    config.dtype = next(model.parameters()).dtype
+    config.dtype = dtype
     config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
-    # tied tensors (embeddings / LM head) are stored once; the loader restores the tie
-    save_model(model, str(path / NONUNIFORM_WEIGHTS), metadata={"format": "pt", "moelab": "nonuniform-experts/1"},
-               force_contiguous=True)
+    # tied tensors (embeddings / LM head) are stored once, under the name safetensors' own save_model
+    # keeps; the loader restores the tie
+    state = model.state_dict()
+    for _kept, dropped in _remove_duplicate_names(state).items():
+        for name in dropped:
+            del state[name]
+    tensors = {k: (v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v.detach().cpu())
+               .contiguous() for k, v in state.items()}
+    save_file(tensors, str(path / NONUNIFORM_WEIGHTS), metadata={"format": "pt", "moelab": "nonuniform-experts/1"})
 
 
 def checkpoint_bytes(path) -> int:
     """Total size of the ``*.safetensors`` files of a checkpoint directory."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def source_bytes(model, source=None) -> int:
+    """Bytes of the checkpoint ``model`` was loaded from: its safetensors files when ``source`` (or the
+    config's name_or_path) is a local directory, else its parameters at the source dtype (a hub id)."""
+    for src in _source_dirs(model, source):
+        if src.is_dir() and checkpoint_bytes(src):
+            return checkpoint_bytes(src)
+    dtype = save_dtype(model, "source")
+    seen, total = set(), 0
+    for p in model.parameters():  # tied tensors once
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * (p.element_size() if not p.is_floating_point() else dtype.itemsize)
+    return total
+
+
+def _placement(model):
+    """A device_map that reloads a checkpoint where ``model`` lives (one device, or its dispatch map)."""
+    hf_map = getattr(model, "hf_device_map", None)
+    if isinstance(hf_map, dict) and len(set(map(str, hf_map.values()))) > 1:
+        return hf_map
+    return str(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def save_and_check(model, out_dir, tokenizer=None, *, check_ids, source=None, dtype="source",
+                   overwrite: bool = False, min_top1: float | None = None) -> dict:
+    """Save ``model`` (``save_checkpoint``), reload it as a user would, and check the reload.
+
+    The reload (``models.load_model``) takes the model's own dtype, device placement and experts
+    kernel, so it is compared with the in-memory model like with like:
+
+    * weights: every tensor of the reload equals the in-memory one rounded to the saved dtype (exact);
+    * logits on ``check_ids``: saved in the model's own dtype, the same weights and kernel give the same
+      logits (float32: max |diff| <= 1e-4; bf16/fp16: top-1 agreement >= 0.99, max |diff| reported);
+      saved in a narrower dtype than the model runs in (float32 -> bf16), the logits differ by the
+      rounding, so only top-1 agreement is checked (>= 0.9).
+
+    Args:
+        check_ids: [B, L] token ids for the logits check.
+        source: the source checkpoint (directory or hub id) for the size comparison and the refusal
+            to write into it.
+        min_top1: override the top-1 agreement threshold.
+
+    Returns:
+        {"path", "saved_dtype", "model_dtype", "bytes", "original_bytes", "share", "tensors_checked",
+        "max_logit_diff", "top1_agreement", "compared"}.
+
+    Raises:
+        ValueError: a weight differs, or the logits disagree beyond the threshold.
+    """
+    from . import models
+
+    target, own = save_dtype(model, dtype), model_dtype(model)
+    device = models.input_device(model)
+    ids = torch.as_tensor(check_ids).to(device)
+    ref = model(input_ids=ids).logits.float()
+    path = save_checkpoint(model, out_dir, tokenizer, overwrite=overwrite, source=source, dtype=dtype)
+    reloaded = models.load_model(path, dtype=own, device_map=_placement(model))
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl and reloaded._can_set_experts_implementation():
+        from . import kernels
+
+        kernels.register()
+        reloaded.set_experts_implementation(impl)
+    mine, theirs = model.state_dict(), reloaded.state_dict()
+    if set(mine) != set(theirs):
+        raise ValueError(f"the reloaded checkpoint at {path} has other tensors than the model: missing "
+                         f"{sorted(set(mine) - set(theirs))[:5]}, extra {sorted(set(theirs) - set(mine))[:5]}")
+    for name, t in theirs.items():
+        expect = mine[name].to(device=t.device)
+        if expect.is_floating_point():
+            expect = expect.to(target).to(t.dtype)
+        if not torch.equal(expect, t):
+            raise ValueError(f"tensor {name!r} of the checkpoint at {path} differs from the model's "
+                             f"(max |diff| {float((expect.float() - t.float()).abs().max()):.3g})")
+    out = reloaded(input_ids=ids.to(models.input_device(reloaded))).logits.float().to(ref.device)
+    del reloaded, theirs
+    diff = float((ref - out).abs().max())
+    top1 = float((ref.argmax(-1) == out.argmax(-1)).float().mean())
+    if target == own:
+        compared = f"saved in {str(own).replace('torch.', '')}, the same weights and kernel"
+        threshold = 0.99 if min_top1 is None else min_top1
+        ok = top1 >= threshold and (own != torch.float32 or diff <= 1e-4)
+    else:
+        compared = (f"saved in {str(target).replace('torch.', '')} from a {str(own).replace('torch.', '')} model: "
+                    "logits differ by the rounding of the weights")
+        threshold = 0.9 if min_top1 is None else min_top1
+        ok = top1 >= threshold
+    if not ok:
+        raise ValueError(f"the checkpoint at {path} reloads with other logits ({compared}): max |diff| {diff:.3g}, "
+                         f"top-1 agreement {top1:.3f} (threshold {threshold})")
+    new, orig = checkpoint_bytes(path), source_bytes(model, source)
+    return {"path": str(path), "saved_dtype": str(target).replace("torch.", ""),
+            "model_dtype": str(own).replace("torch.", ""), "bytes": new, "original_bytes": orig,
+            "share": new / orig if orig else float("nan"), "tensors_checked": len(mine),
+            "max_logit_diff": diff, "top1_agreement": top1, "compared": compared}
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def neuron_activations(weights: Mapping[str, Tensor], X: Tensor, act: Callable =
     """
     if weights["gate"].dim() == 2:
         dt = _work_dtype(weights["gate"])
-        x = X.to(dt)
+        x = X.to(device=weights["gate"].device, dtype=dt)  # samples live on the CPU, weights anywhere
         g = F.linear(x, weights["gate"].to(dt), weights["gate_bias"].to(dt) if "gate_bias" in weights else None)
         u = F.linear(x, weights["up"].to(dt), weights["up_bias"].to(dt) if "up_bias" in weights else None)
         return act(g) * u
@@ -372,7 +372,7 @@ def merge_layer(weights: Mapping[str, Tensor], router_weight: Tensor, groups: li
             rows.append(router_weight[g[0]])
         else:
             cn = c if c.sum() > 0 else torch.ones_like(c)
-            cn = (cn / cn.sum()).to(_work_dtype(router_weight))
+            cn = (cn / cn.sum()).to(device=router_weight.device, dtype=_work_dtype(router_weight))
             rows.append((cn[:, None] * router_weight[g].to(cn.dtype)).sum(0).to(router_weight.dtype))
     kept = torch.tensor([g[0] for g in groups], dtype=torch.long)
     return stack_experts(merged), torch.stack(rows), kept
@@ -540,8 +540,8 @@ def partial_preservation_groups(importance: Tensor, sim: Tensor, target: int,
 # MC-SMoE compression
 # ---------------------------------------------------------------------------------------------
 
-def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None = None,
+                    sparse_out: bool = False) -> tuple[Tensor, ...]:
     """MC-SMoE's W ~ U V + S (METHODS.md section 4): truncated SVD plus a sparse residual.
 
     U V is the best rank-r approximation (singular values split as sqrt between U and V). The residual
@@ -554,8 +554,11 @@ def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None
         sparsity: fraction of residual entries set to zero, in [0, 1] (1: no sparse part).
         scores: optional [m, n] keep-priority for residual entries instead of the magnitude.
 
+        sparse_out: return the kept residual as (flat indices, values) instead of a dense S.
+
     Returns:
-        (U [m, r], V [r, n], S [m, n] dense with zeros; ``S.count_nonzero()`` entries kept), in W's dtype.
+        (U [m, r], V [r, n], S [m, n] dense with zeros; ``S.count_nonzero()`` entries kept), in W's dtype;
+        with ``sparse_out`` (U, V, idx [k] int64 into the flattened [m, n], values [k]), k = the kept count.
     """
     if not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
@@ -569,11 +572,14 @@ def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None
     U, V = U_[:, :r] * root, root[:, None] * Vh[:r]
     R = Wf - U @ V
     n_keep = int(round((1 - sparsity) * R.numel()))
-    S = torch.zeros_like(R)
+    idx = torch.zeros(0, dtype=torch.long, device=W.device)
     if n_keep:
         key = (R.abs() if scores is None else scores.to(dt)).flatten()
-        idx = torch.topk(key, n_keep).indices
-        S.view(-1)[idx] = R.flatten()[idx]
+        idx = torch.topk(key, n_keep).indices.sort().values
+    if sparse_out:
+        return U.to(W.dtype), V.to(W.dtype), idx, R.flatten()[idx].to(W.dtype)
+    S = torch.zeros_like(R)
+    S.view(-1)[idx] = R.flatten()[idx]
     return U.to(W.dtype), V.to(W.dtype), S.to(W.dtype)
 
 
@@ -626,16 +632,16 @@ def assign_segments(weights: Mapping[str, Tensor], kept: list[int], dropped: lis
         raise ValueError("no kept experts")
     I = weights["gate"].shape[1]
     bank = _unit_rows(torch.cat([segments(weights, k, use_gate) for k in kept]))  # [len(kept) * I, D]
-    owner = torch.tensor(kept, dtype=torch.long).repeat_interleave(I)
+    owner = torch.tensor(kept, dtype=torch.long, device=bank.device).repeat_interleave(I)
     out = {}
     for d in dropped:
         seg = _unit_rows(segments(weights, int(d), use_gate))
-        target = torch.full((I,), -1, dtype=torch.long)
+        target = torch.full((I,), -1, dtype=torch.long, device=bank.device)
         for i in range(0, I, chunk):
             best, where = (seg[i:i + chunk] @ bank.T).max(dim=1)
             t = owner[where]
             target[i:i + chunk] = torch.where(best > alpha, t, torch.full_like(t, -1))
-        out[int(d)] = target
+        out[int(d)] = target.cpu()
     return out
 
 
@@ -683,11 +689,12 @@ def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: st
         raise ValueError(f"cannot form {k} clusters from {N} vectors")
     dt = _work_dtype(vectors)
     v = vectors.to(dt)
-    w = torch.as_tensor(weights, dtype=dt).flatten()
+    dev = v.device  # everything below runs where the segments are
+    w = torch.as_tensor(weights, dtype=dt).flatten().to(dev)
     if w.numel() != N or (w < 0).any():
         raise ValueError("weights must be [N] and non-negative")
     if N == k:
-        return v.clone(), torch.arange(N)
+        return v.clone(), torch.arange(N, device=dev)
     norms = v.norm(dim=1)
     units = v / norms[:, None].clamp_min(1e-12)
     if init == "max_gate":
@@ -706,31 +713,30 @@ def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: st
         new = sims.argmax(1)
         counts = torch.bincount(new, minlength=k)
         for j in torch.nonzero(counts == 0).flatten().tolist():
-            own = sims[torch.arange(N), new]
+            own = sims[torch.arange(N, device=dev), new]
             own = torch.where(counts[new] > 1, own, torch.full_like(own, math.inf))
             p = int(torch.argmin(own))
             counts[new[p]] -= 1
             new[p] = j
             counts[j] += 1
-        wu = w.clone()
-        for j in range(k):  # a cluster whose weights are all zero falls back to equal weights
-            m = new == j
-            if wu[m].sum() == 0:
-                wu[m] = 1
-        dirs = torch.zeros(k, D, dtype=dt).index_add_(0, new, wu[:, None] * units)
+        # a cluster whose weights are all zero falls back to equal weights (one scatter, not a loop over k)
+        csum = torch.zeros(k, dtype=dt, device=dev).index_add_(0, new, w)
+        wu = torch.where(csum[new] == 0, torch.ones_like(w), w)
+        dirs = torch.zeros(k, D, dtype=dt, device=dev).index_add_(0, new, wu[:, None] * units)
         cent = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
     labels = new
-    wsum = torch.zeros(k, dtype=dt).index_add_(0, labels, wu)
-    mean_norm = torch.zeros(k, dtype=dt).index_add_(0, labels, wu * norms) / wsum
-    mean_unit = torch.zeros(k, D, dtype=dt).index_add_(0, labels, wu[:, None] * units) / wsum[:, None]
+    wsum = torch.zeros(k, dtype=dt, device=dev).index_add_(0, labels, wu)
+    mean_norm = torch.zeros(k, dtype=dt, device=dev).index_add_(0, labels, wu * norms) / wsum
+    mean_unit = torch.zeros(k, D, dtype=dt, device=dev).index_add_(0, labels, wu[:, None] * units) / wsum[:, None]
     centroids = mean_norm[:, None] * mean_unit
-    first = torch.full((k,), N, dtype=torch.long).scatter_reduce_(0, labels, torch.arange(N), reduce="amin")
+    first = torch.full((k,), N, dtype=torch.long, device=dev).scatter_reduce_(
+        0, labels, torch.arange(N, device=dev), reduce="amin")
     order = torch.sort(first, stable=True).indices
-    remap = torch.empty(k, dtype=torch.long)
-    remap[order] = torch.arange(k)
+    remap = torch.empty(k, dtype=torch.long, device=dev)
+    remap[order] = torch.arange(k, device=dev)
     return centroids[order], remap[labels]
 
 

@@ -1627,6 +1627,62 @@ def _is_moe_block(layer: nn.Module) -> bool:
     return any(isinstance(getattr(m, "experts", None), nn.Module) for m in layer.modules())
 
 
+def variant(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules and config that shares every parameter and buffer with it.
+
+    moelab's edits (``set_experts``, ``prune_experts``, ``slice_hidden``, ``remove_layers``, ...) put new
+    tensors in place of old ones and never write into a tensor, so editing a variant leaves ``model``
+    untouched and costs only the bytes of what it edits: a variant that prunes the experts of every layer
+    adds the kept experts, not a second model. Do not train a variant in place (its unedited tensors are
+    the original's): train a ``copy.deepcopy`` of it.
+    """
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def shared_bytes(a: nn.Module, b: nn.Module) -> int:
+    """Bytes of the tensors two models share (the same storage), counted once."""
+    ptrs = {t.untyped_storage().data_ptr() for t in list(a.parameters()) + list(a.buffers()) if t.device.type != "meta"}
+    seen, total = set(), 0
+    for t in list(b.parameters()) + list(b.buffers()):
+        if t.device.type == "meta":
+            continue
+        p = t.untyped_storage().data_ptr()
+        if p in ptrs and p not in seen:
+            seen.add(p)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (the CPU when they are offloaded)."""
+    try:
+        device = model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def checkpoint_dtype(path_or_id):
+    """The dtype a checkpoint's config.json declares (``dtype`` or the older ``torch_dtype``), or None."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path_or_id)).expanduser()
+    try:
+        if (p / "config.json").is_file():
+            cfg = json.loads((p / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(path_or_id)).to_dict()
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    value = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+    return value if isinstance(value, torch.dtype) else None
+
+
 def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload_folder=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` with accelerate's placement options, in eval mode.
 
@@ -1645,7 +1701,9 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
                 f"{path_or_id} is a moelab checkpoint with per-layer expert counts; load_model rebuilds it "
                 f"with dtype and a single-device device_map only (got max_memory={max_memory!r}, "
                 f"offload_folder={offload_folder!r}, {sorted(kwargs)})")
-        return _load_nonuniform(path_or_id, device_map, dtype)
+        model = _load_nonuniform(path_or_id, device_map, dtype)
+        model.moelab_source_dtype = checkpoint_dtype(path_or_id)
+        return model
     if device_map is not None:
         kwargs["device_map"] = device_map
     if dtype is not None:
@@ -1654,7 +1712,10 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
+    source_dtype = checkpoint_dtype(path_or_id)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    # The dtype the checkpoint is stored in: moelab.io saves a compressed model in it again.
+    model.moelab_source_dtype = source_dtype
     return model.eval()
 
 

@@ -306,8 +306,7 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     stop_after = moe[-1].layer_idx if layers is not None and len(moe) == 1 else None
     # Inputs go where the embeddings are (accelerate moves activations between the devices of a
     # dispatched model itself); weights offloaded to disk sit on the meta device, so use the CPU.
-    device = model.get_input_embeddings().weight.device
-    device = torch.device("cpu") if device.type == "meta" else device
+    device = models.input_device(model)
     state = {"valid": None, "all_valid": True, "group": None}
     was_training = model.training
     model.eval()

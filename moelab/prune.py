@@ -8,7 +8,6 @@ frequency / REAP / EAN / random baselines of the paper notebooks.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -62,7 +61,7 @@ def prune(model, obs, criterion: str = "frequency", *, num_experts: int | None =
     n = target_count(model, keep_ratio) if num_experts is None else num_experts
     models.check_target(model, n)
     keep = keep_by_importance(obs, criterion, n, seed=seed)
-    out = model if inplace else copy.deepcopy(model)
+    out = model if inplace else models.variant(model)
     models.prune_experts(out, {l: idx.tolist() for l, idx in keep.items()})
     return out, keep
 
@@ -144,7 +143,7 @@ def remove_layers(model, obs, num_layers: int, how: str = "last"):
     """
     n = len(models.decoder_layers(model))
     drop = layers_to_remove(obs, num_layers, how, total=n)
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     models.remove_layers(out, drop)
     return out, drop
 
@@ -183,6 +182,6 @@ def slice_width(model, obs, keep_ratio: float, how: str = "activation", seed: in
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
     H = model.config.hidden_size
     idx = keep_channels(obs, max(1, int(round(H * keep_ratio))), how, seed)
-    out = copy.deepcopy(model)
+    out = models.variant(model)
     models.slice_hidden(out, idx)
     return out, idx

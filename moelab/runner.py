@@ -1,16 +1,27 @@
-"""Batch-run the notebooks with papermill: ``python -m moelab.runner --preset full|smoke [--notebook STEM]``.
+"""Batch-run the notebooks with papermill.
 
-Each notebook has one parameter file per preset, ``notebooks/params/<stem>.<preset>.yaml``. The
-runner injects those values plus absolute output paths (``OUTPUT_DIR``, ``FIGURES_DIR``), writes the
-executed copies under ``runs/<preset>/notebooks/``, each notebook's outputs under
-``runs/<preset>/<stem>/``, figures under ``figures/`` (full) or ``runs/<preset>/figures/`` (other
-presets, so a test run never replaces the published figures), and a markdown summary of every
-notebook's recorded metrics in ``runs/<preset>/SUMMARY.md``.
+    python -m moelab.runner [--preset full|smoke|paper] [--notebook STEM ...]
+                            [-p NAME=VALUE ...] [--params FILE.yaml] [--out DIR]
+
+Each notebook has one parameter file per preset, ``notebooks/params/<stem>.<preset>.yaml``: ``full``
+runs the meaningful experiment on the embedded model, ``smoke`` the same notebook in about a minute
+(tests), ``paper`` the paper's own model and budgets (a hub checkpoint on a GPU; see the README).
+On top of the preset come the values of ``--params FILE.yaml`` and then of each ``-p NAME=VALUE``
+(VALUE is read as YAML: ``-p DTYPE=bfloat16``, ``-p SEEDS=[0,1]``, ``-p DEVICE_MAP=null``). A name
+that no selected notebook declares in its parameters cell is refused; a notebook is handed only the
+names it declares.
+
+Where a run writes: the executed copies under ``<run>/notebooks/``, each notebook's outputs under
+``<run>/<stem>/``, a markdown summary in ``<run>/SUMMARY.md`` and the parameters in ``<run>/run.json``.
+``<run>`` is ``runs/<preset>`` for a preset as it is, ``runs/<preset>-<hash of the overrides>`` when
+any parameter was overridden (``--out`` picks it). Figures go to the published ``figures/`` only for
+the full preset as it is (the embedded default); every other run writes them to ``<run>/figures/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -18,19 +29,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-PRESETS = ("full", "smoke")
+PRESETS = ("full", "smoke", "paper")
+PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
+_RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
 
 
-def notebooks(only: str | None = None) -> list[Path]:
-    """The notebooks to run, in order (``only`` picks one by stem or file name)."""
+def notebooks(only=None) -> list[Path]:
+    """The notebooks to run, in order (``only``: a stem, its number such as "02", a file name, or a list
+    of them; None: all). A number must be whole: "0" matches no notebook rather than all of them."""
     found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        stem = Path(only).stem
-        found = [p for p in found if p.stem == stem or p.stem.startswith(stem + "_") or p.stem.startswith(stem)]
-        if not found:
-            raise SystemExit(f"no notebook matches {only!r}; choose one of: "
-                             + ", ".join(p.stem for p in sorted(NOTEBOOKS.glob('[0-9][0-9]_*.ipynb'))))
-    return found
+    if not only:
+        return found
+    picks = [only] if isinstance(only, (str, Path)) else list(only)
+    chosen = []
+    for pick in picks:
+        stem = Path(str(pick)).stem
+        match = [p for p in found if stem in (p.stem, p.stem.split("_")[0])]
+        if not match:
+            raise SystemExit(f"no notebook matches {pick!r}; choose one of: " + ", ".join(p.stem for p in found))
+        chosen += [p for p in match if p not in chosen]
+    return [p for p in found if p in chosen]
 
 
 def parameters(nb: Path, preset: str) -> dict:
@@ -43,41 +61,177 @@ def parameters(nb: Path, preset: str) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def run(preset: str = "full", only: str | None = None, out_root: Path | None = None, progress: bool = True) -> Path:
-    """Execute notebooks with papermill and write the summary; returns the run directory.
+def declared(nb: Path) -> dict:
+    """The parameters a notebook declares in its ``parameters`` cell: {name: default value}."""
+    import ast
+
+    import papermill as pm
+
+    out = {}
+    for name, info in pm.inspect_notebook(str(nb)).items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = info["default"]
+    return out
+
+
+def _type_ok(value, default) -> bool:
+    """Whether an override fits a parameter whose default is ``default`` (None accepts anything)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def parse_assignments(items) -> dict:
+    """``["NAME=VALUE", ...]`` -> {NAME: value}, each VALUE read as YAML.
 
     Raises:
-        papermill.PapermillExecutionError: a notebook failed (its executed copy shows where).
+        SystemExit: an item without ``=`` or with an empty name.
+    """
+    import yaml
+
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise SystemExit(f"-p takes NAME=VALUE (e.g. -p DTYPE=bfloat16), got {item!r}")
+        out[name] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def read_params_file(path) -> dict:
+    """A YAML mapping of parameter values (``--params``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no parameter file at {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path} must hold a mapping NAME: value, got {type(values).__name__}")
+    return values
+
+
+def check_overrides(books: list[Path], overrides: dict) -> None:
+    """Refuse a parameter that none of ``books`` declares (a typo would otherwise be ignored)."""
+    names = set()
+    for nb in books:
+        defaults = declared(nb)
+        names |= set(defaults)
+        for k, v in overrides.items():
+            if k in defaults and not _type_ok(v, defaults[k]):
+                raise SystemExit(f"parameter {k}={v!r} ({type(v).__name__}) does not fit {nb.stem}, whose default is "
+                                 f"{defaults[k]!r} ({type(defaults[k]).__name__}); give a {type(defaults[k]).__name__}")
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise SystemExit(f"unknown parameter(s) {unknown} for {', '.join(nb.stem for nb in books)}; "
+                         f"known: {sorted(names - set(_RUNNER_SET))}")
+    runner_set = sorted(set(overrides) & set(_RUNNER_SET))
+    if runner_set:
+        raise SystemExit(f"{runner_set} are set by the runner from the run directory; use --out instead")
+
+
+def run_dir(preset: str, overrides: dict) -> Path:
+    """``runs/<preset>``, or ``runs/<preset>-<hash>`` for a run with overridden parameters."""
+    if not overrides:
+        return ROOT / "runs" / preset
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return ROOT / "runs" / f"{preset}-{digest}"
+
+
+class NotebookFailed(RuntimeError):
+    """One or more notebooks failed; the message names them and their executed copies."""
+
+
+def run(preset: str = "full", only=None, out_root: Path | None = None, progress: bool = True,
+        overrides: dict | None = None, stop_on_error: bool = False) -> Path:
+    """Execute notebooks with papermill and write the summary; returns the run directory.
+
+    Args:
+        preset: one of PRESETS (the parameter files).
+        only: a notebook stem or a list of them (default all).
+        out_root: the run directory (default ``run_dir(preset, overrides)``).
+        overrides: parameter values on top of the preset's ({NAME: value}).
+        stop_on_error: stop at the first failing notebook (default: run the others, then raise).
+
+    Raises:
+        SystemExit: an unknown preset, notebook or parameter, or one of the wrong type.
+        NotebookFailed: a notebook failed (after the summary, which marks it, is written); the message
+            names the executed copy that shows where.
     """
     import papermill as pm
 
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    out_root = (out_root or ROOT / "runs" / preset).resolve()
+    overrides = dict(overrides or {})
+    todo = notebooks(only)
+    check_overrides(todo, overrides)
+    out_root = Path(out_root or run_dir(preset, overrides)).resolve()
+    published = preset == PUBLISHED_PRESET and not overrides
+    figures = ROOT / "figures" if published else out_root / "figures"
     executed = out_root / "notebooks"
     executed.mkdir(parents=True, exist_ok=True)
-    figures = ROOT / "figures" if preset == "full" else out_root / "figures"
-    todo = notebooks(only)
-    if preset == "full":
-        # Build the embedded model up front, with its progress bar in this terminal, not in a notebook.
-        from . import zoo
-
-        print(f"embedded model: {zoo.build(zoo.DEFAULT_MODEL)}", flush=True)
-    timings = {}
+    plan = {}
     for nb in todo:
-        params = dict(parameters(nb, preset))
-        params.update(OUTPUT_DIR=str(out_root / nb.stem), FIGURES_DIR=str(figures))
-        print(f"== {nb.name} ({preset})", flush=True)
+        names = declared(nb)
+        params = {k: v for k, v in {**parameters(nb, preset), **overrides}.items() if k in names}
+        for k in _RUNNER_SET:
+            if k in names:
+                params[k] = str(out_root / nb.stem) if k == "OUTPUT_DIR" else str(figures)
+        skipped = sorted(set(overrides) - set(names))
+        if skipped:
+            print(f"   {nb.stem} declares no {skipped}: not passed to it", flush=True)
+        plan[nb] = params
+    _build_zoo_models({p.get("MODEL", declared(nb).get("MODEL")) for nb, p in plan.items()})
+    from . import io
+
+    io.write_json_atomic(out_root / "run.json", {"preset": preset, "overrides": overrides, "published": published,
+                                                 "figures": str(figures), "git_revision": io.git_revision(),
+                                                 "notebooks": {nb.stem: p for nb, p in plan.items()}})
+    timings, failed = {}, {}
+    for nb, params in plan.items():
+        print(f"== {nb.name} ({preset}{', ' + ', '.join(f'{k}={v}' for k, v in overrides.items()) if overrides else ''})",
+              flush=True)
         t0 = time.time()
-        pm.execute_notebook(str(nb), str(executed / nb.name), parameters=params, cwd=str(NOTEBOOKS),
-                            progress_bar=progress, kernel_name="python3", log_output=False)
-        timings[nb.stem] = time.time() - t0
+        try:
+            pm.execute_notebook(str(nb), str(executed / nb.name), parameters=params, cwd=str(NOTEBOOKS),
+                                progress_bar=progress, kernel_name="python3", log_output=False)
+        except pm.PapermillExecutionError as err:
+            failed[nb.stem] = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {executed / nb.name})"
+            print(f"   FAILED after {time.time() - t0:.0f} s: {failed[nb.stem]}", flush=True)
+            if stop_on_error:
+                break
+            continue
+        finally:
+            timings[nb.stem] = time.time() - t0
         print(f"   done in {timings[nb.stem]:.0f} s", flush=True)
     # The summary covers every notebook with a recorded result in this run directory, not only the
     # ones run now, so running one notebook alone keeps the others' figures in the page.
-    summary = write_summary(out_root, [nb.stem for nb in notebooks()], timings)
+    summary = write_summary(out_root, [nb.stem for nb in notebooks()], timings, failed)
     print(f"summary: {summary}")
+    if failed:
+        raise NotebookFailed("notebook(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return out_root
+
+
+def _build_zoo_models(names) -> None:
+    """Build the zoo models a run uses up front, with their progress bars here, not inside a notebook."""
+    from . import zoo
+
+    for name in sorted(n for n in names if isinstance(n, str)):
+        name = name.strip('"\'')
+        if name in zoo.RECIPES:
+            print(f"zoo model {name}: {zoo.build(name)}", flush=True)
 
 
 def _fmt(value) -> str:
@@ -86,12 +240,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_summary(out_root: Path, stems: list[str], timings: dict | None = None) -> Path:
-    """A markdown page with each notebook's headline metrics (the ``headline`` dict it recorded)."""
+def write_summary(out_root: Path, stems: list[str], timings: dict | None = None, failed: dict | None = None) -> Path:
+    """A markdown page with each notebook's headline metrics (the ``headline`` dict it recorded);
+    a notebook that failed in this run is marked so, with its error."""
     lines = [f"# Run summary ({out_root.name})", ""]
     for stem in stems:
         path = out_root / stem / "metrics.json"
         lines.append(f"## {stem}")
+        if failed and stem in failed:
+            lines += ["", f"**FAILED** in this run: {failed[stem]}", ""]
+            continue
         if not path.exists():
             lines += ["", "not run in this run directory yet", ""]
             continue
@@ -109,13 +267,26 @@ def write_summary(out_root: Path, stems: list[str], timings: dict | None = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m moelab.runner", description="Batch-run moelab's notebooks.",
+                                 epilog="example: python -m moelab.runner --notebook 02 -p MODEL=Qwen/Qwen3-30B-A3B "
+                                        "-p DTYPE=bfloat16 -p DEVICE_MAP=auto")
     ap.add_argument("--preset", default="full", choices=PRESETS, help="parameter set (default: full)")
-    ap.add_argument("--notebook", default=None, help="run only this notebook (stem, e.g. 00_anatomy_of_an_moe or 00)")
-    ap.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    ap.add_argument("--notebook", action="append", default=None,
+                    help="run only this notebook (stem or its number, e.g. 02); repeat for several")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one parameter (VALUE is YAML); repeatable")
+    ap.add_argument("--params", default=None, metavar="FILE.yaml", help="override parameters from a YAML mapping")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<preset>[-<hash of overrides>])")
+    ap.add_argument("--stop-on-error", action="store_true", help="stop at the first failing notebook")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    run(args.preset, args.notebook, Path(args.out) if args.out else None, progress=not args.no_progress)
+    overrides = {**(read_params_file(args.params) if args.params else {}), **parse_assignments(args.param)}
+    try:
+        run(args.preset, args.notebook, Path(args.out) if args.out else None, progress=not args.no_progress,
+            overrides=overrides, stop_on_error=args.stop_on_error)
+    except NotebookFailed as err:
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -171,7 +171,7 @@ def gram_cosine(gram: Tensor) -> Tensor:
 
 
 def _row_cosine(m: Tensor) -> Tensor:
-    m = m.double()
+    m = m.detach().double().cpu()  # similarities live on the CPU beside the statistics, whatever the weights' device
     return gram_cosine(m @ m.T)
 
 

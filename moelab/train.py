@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import data, zoo
+from . import data, models, zoo
 
 __all__ = ["recover", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
 
@@ -51,7 +51,8 @@ def reinitialised(model, seed: int = 0):
     kernel = getattr(model.config, "_experts_implementation", None)
     if kernel and hasattr(fresh, "set_experts_implementation"):
         fresh.set_experts_implementation(kernel)
-    return fresh.to(next(model.parameters()).device)
+    ref = next(model.parameters())
+    return fresh.to(device=ref.device, dtype=ref.dtype)  # the same device and dtype as the model it twins
 
 
 def heldout_rows(tokenizer, tokens: int = 8192, seq_len: int = 256, mix="1:1:1", seed: int = 0) -> torch.Tensor:
@@ -65,7 +66,7 @@ def heldout_nll(model, rows: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token NLL (nats) of ``model`` on ``rows``."""
     was = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = models.input_device(model)
     total, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
         x = rows[i:i + batch_size].to(device)
@@ -132,7 +133,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
     streams = {d: _stream(tokenizer, d, int(need * mixd[d] * 1.5) + 4 * seq_len, seed)
                for d in data.DOMAINS if mixd[d] > 0}
     batches = zoo._Batches(streams, mixd, seq_len, batch_size, seed)
-    device = next(student.parameters()).device
+    device = models.input_device(student)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     ids = {id(p) for p in decay}
@@ -165,7 +166,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             kd = torch.tensor(float("nan"))
             if kd_weight > 0:
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=x).logits[:, :-1]
+                    t_logits = teacher(input_ids=x.to(models.input_device(teacher))).logits[:, :-1].to(logits.device)
                 kd = kd_loss(logits, t_logits, temperature)
                 loss = loss + kd_weight * kd
             opt.zero_grad(set_to_none=True)

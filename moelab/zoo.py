@@ -83,6 +83,8 @@ register_recipe("qwen3-moe-15m", Recipe())
 register_recipe("smoke", Recipe(vocab_size=2048, hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1,
                                 head_dim=32, num_experts=8, top_k=2, expert_width=32, seq_len=128, batch_size=8,
                                 steps=300, lr=5e-3, warmup=20, tokenizer_chars=300_000, eval_tokens=8192))
+# Tests of other families and of bf16 checkpoints: the smoke recipe as a Mixtral (tests save it in bf16).
+register_recipe("smoke-mixtral", replace(RECIPES["smoke"], family="mixtral"))
 register_recipe("mixtral-8x-small", Recipe(family="mixtral", num_experts=8, top_k=2, expert_width=256,
                                            num_layers=6))
 register_recipe("deepseek-v3-small", Recipe(family="deepseek_v3", num_experts=32, top_k=4, expert_width=128,
@@ -419,9 +421,27 @@ def _build_locked(name: str, final: Path, progress: bool) -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """A zoo name becomes its (built) cache directory; paths and hub ids pass through."""
+    """A zoo name becomes its (built) cache directory; local checkpoints and hub ids pass through.
+
+    Raises:
+        FileNotFoundError: a path (absolute, relative with ./ ../ or ~, or with more than one "/")
+            where nothing exists, or a bare name that is neither a zoo model nor a folder (hub ids
+            read "org/name"), named with what to give instead, before any hub look-up.
+    """
+    name_or_path = str(name_or_path)
     if name_or_path in RECIPES:
         return str(build(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json: it is not a Hugging Face checkpoint folder")
+        return str(path)
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"no checkpoint at {name_or_path}: the folder does not exist")
+    if "/" not in name_or_path:
+        raise FileNotFoundError(f"{name_or_path!r} is no zoo model ({', '.join(sorted(RECIPES))}), no local folder, "
+                                "and no hub id (those read 'org/name', e.g. 'Qwen/Qwen3-30B-A3B')")
     return name_or_path
 
 
@@ -431,10 +451,12 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast
     Args:
         name_or_path: a zoo name (built on first use), a local checkpoint, or a hub id.
         device_map, dtype: handed to ``from_pretrained`` through ``models.load_model``
-            (``device_map="auto"`` spreads a large model over GPUs, CPU memory and disk);
+            (``device_map="auto"`` spreads a large model over GPUs, CPU memory and disk; None puts
+            the model on the GPU when there is one, else on the CPU; ``dtype=None`` keeps the
+            checkpoint's own dtype, e.g. bf16 for hub checkpoints);
             other keyword arguments (``max_memory``, ``offload_folder`` ...) go the same way.
-        fast_kernel: use moelab's sorted experts kernel (observation needs it; outputs are the
-            same as transformers' eager kernel).
+        fast_kernel: use moelab's sorted experts kernel on a CPU (outputs are the same as
+            transformers' eager kernel; observation uses it wherever the model runs).
 
     Returns:
         (model in eval mode, tokenizer)
@@ -445,8 +467,15 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast
 
     path = resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if device_map is None and torch.cuda.is_available():
+        # A GPU is at hand: use it (the whole model on one device; "auto" spreads a larger one).
+        device_map = "cuda"
     model = load_model(path, device_map=device_map, dtype=dtype, **kwargs)
-    if fast_kernel and model._can_set_experts_implementation():
+    from .models import input_device
+
+    # The sorted kernel is the fast one on a CPU; on a GPU transformers' grouped kernel is (observation
+    # switches to moelab's kernel on its own, wherever the model is).
+    if fast_kernel and model._can_set_experts_implementation() and input_device(model).type == "cpu":
         register()
         model.set_experts_implementation(KERNEL_NAME)
     return model, tokenizer

@@ -74,3 +74,29 @@ def test_calibration_set_errors(smoke):
         data.calibration_set(tok, "1:1:1", tokens=10, seq_len=128)
     with pytest.raises(ValueError, match="fewer than"):
         data.calibration_set(tok, "general", tokens=50_000_000, seq_len=128, cache=False)
+
+
+@pytest.mark.parametrize("bad", [(float("nan"), 1, 1), (float("inf"), 1, 1), (1e308, 1e308, 1e308), "nan:1:1"])
+def test_parse_mix_rejects_nan_inf_and_overflow(bad):
+    with pytest.raises(ValueError, match="mix"):
+        data.parse_mix(bad)
+
+
+@pytest.mark.parametrize("seq_len", [-1, 0, 1, 2.5])
+def test_calibration_set_refuses_a_bad_row_length(smoke, seq_len):
+    """A negative seq_len once looped forever (memory exhausted), 0 raised ZeroDivisionError."""
+    _, tok = smoke
+    with pytest.raises(ValueError, match="seq_len must be a whole number"):
+        data.calibration_set(tok, "1:1:1", tokens=4096, seq_len=seq_len, cache=False)
+    with pytest.raises(ValueError, match="seq_len must be a positive whole number"):
+        data.pack_tokens([[1, 2, 3]], -1, 0)
+
+
+def test_calibration_cache_keeps_mixes_apart(smoke, tmp_path, monkeypatch):
+    """0.104:0.896:0 once returned the cached 0.1:0.9:0 set (the key rounded the shares)."""
+    _, tok = smoke
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    a = data.calibration_set(tok, "0.1:0.9:0", tokens=128 * 50, seq_len=128)
+    b = data.calibration_set(tok, "0.104:0.896:0", tokens=128 * 50, seq_len=128)
+    assert a["domain"].count("general") == 5 and b["domain"].count("general") == 5  # the same counts here ...
+    assert len(list((tmp_path / "calib").iterdir())) == 2  # ... but two cache entries, not one reused

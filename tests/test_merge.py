@@ -264,3 +264,20 @@ def test_weighted_spherical_kmeans():
     # N == k returns the input unchanged
     c2, l2 = merge.weighted_spherical_kmeans(pts[:3], torch.ones(3), 3)
     assert torch.equal(c2, pts[:3]) and l2.tolist() == [0, 1, 2]
+
+
+def test_kmeans_cluster_with_zero_weights_falls_back_to_equal_weights():
+    """A cluster whose members all weigh 0 averages them equally (finite, inside the cluster)."""
+    g = torch.Generator().manual_seed(0)
+    # the initialisation (largest |entry|) takes a[0] (norm 3) and then a point of b (norm 2)
+    a = torch.tensor([1.0, 0.0, 0.0]) * torch.tensor([3.0, 1, 1, 1])[:, None] + 0.01 * torch.randn(4, 3, generator=g)
+    b = torch.tensor([0.0, 1.0, 0.0]) * 2 + 0.01 * torch.randn(4, 3, generator=g)
+    pts = torch.cat([a, b])
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    cent, labels = merge.weighted_spherical_kmeans(pts, w, 2, iters=10, gate_dim=3)
+    assert torch.isfinite(cent).all()
+    assert labels[:4].unique().numel() == 1 and labels[4:].unique().numel() == 1 and labels[0] != labels[4]
+    cb = cent[labels[4]]
+    units = b / b.norm(dim=1, keepdim=True)
+    # equal weights: the direction of the plain mean of the members' unit vectors
+    assert torch.nn.functional.cosine_similarity(cb, units.mean(0), dim=0) > 0.99999
