@@ -2,7 +2,8 @@
 #   make reproduce   set up .venv, build the embedded model, run every notebook (full preset)
 #   make test        set up .venv, run the package tests and the notebooks' smoke runs
 # Options: PRESET=full|smoke|paper, NB=<notebook stem> (one notebook alone), P="NAME=VALUE ..." (parameters
-#          on top of the preset, e.g. P="MODEL=/ckpt/mixtral DTYPE=bfloat16"), PARAMS=<file.yaml>,
+#          on top of the preset, e.g. P="MODEL=/ckpt/mixtral DTYPE=bfloat16"; no spaces inside a value:
+#          SEEDS=[0,1]), PARAMS=<file.yaml>,
 #          PYTHON=<interpreter for the venv>, VENV=<path> (default .venv).
 
 PYTHON ?= python3

@@ -127,6 +127,9 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         raise ValueError("kd_weight > 0 needs a teacher model (the uncompressed original)")
     if teacher is not None and teacher is student:
         raise ValueError("the teacher must be a different model object from the student")
+    if teacher is not None and models.shared_bytes(teacher, student):
+        raise ValueError("the student shares tensors with the teacher (a models.variant): training it would change "
+                         "the teacher too; train copy.deepcopy(student) instead")
     zoo.seed_everything(seed)
     mixd = data.parse_mix(mix)
     need = steps * batch_size * seq_len

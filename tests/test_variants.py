@@ -49,3 +49,12 @@ def test_variant_shares_what_it_does_not_edit(observed, name, one_thread):
     with torch.no_grad():
         assert torch.isfinite(v(input_ids=ids).logits).all()
         assert torch.equal(model(input_ids=ids).logits, models.variant(model)(input_ids=ids).logits)
+
+
+def test_recovery_refuses_a_student_that_shares_the_teachers_tensors(observed, smoke):
+    from moelab import train
+
+    model, obs = observed
+    v = prune.prune(model, obs, "frequency", num_experts=4)[0]
+    with pytest.raises(ValueError, match="shares tensors with the teacher"):
+        train.recover(v, smoke[1], teacher=model, steps=1, batch_size=1, seq_len=16)
