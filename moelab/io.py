@@ -195,13 +195,12 @@ def _save_nonuniform(model, path: Path, dtype: torch.dtype | None = None) -> Non
         model.generation_config.save_pretrained(path)
     # tied tensors (embeddings / LM head) are stored once, under the name safetensors' own save_model
     # keeps; the loader restores the tie
-    state = model.state_dict()
+    state = _cast_state_dict(model, dtype)  # keeps tied tensors one tensor, so they are found and dropped here
     for _kept, dropped in _remove_duplicate_names(state).items():
         for name in dropped:
             del state[name]
-    tensors = {k: (v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v.detach().cpu())
-               .contiguous() for k, v in state.items()}
-    save_file(tensors, str(path / NONUNIFORM_WEIGHTS), metadata={"format": "pt", "moelab": "nonuniform-experts/1"})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / NONUNIFORM_WEIGHTS),
+              metadata={"format": "pt", "moelab": "nonuniform-experts/1"})
 
 
 def checkpoint_bytes(path) -> int:
