@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import data, models, zoo
 
-__all__ = ["recover", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
+__all__ = ["recover", "TRAINABLE", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -91,14 +91,115 @@ def _stream(tokenizer, domain: str, limit: int, seed: int):
     return _STREAMS[key][1][:limit]
 
 
+TRAINABLE = ("all", "lora", "router_norms")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _modules_with(model, tensor_ids: set) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(module, attribute, parameter) for every parameter of ``model`` whose id is in ``tensor_ids``."""
+    out = []
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and id(p) in tensor_ids:
+                out.append((mod, name, p))
+    return out
+
+
+def _unshare(student, teacher, params: list[torch.Tensor]) -> int:
+    """Give ``student`` its own copy of each of ``params`` that shares storage with ``teacher``.
+
+    A student built by ``models.variant`` shares every tensor it did not edit with the original; the
+    ones recovery will write (trained parameters, or base weights a LoRA adapter is merged into) are
+    copied first, so the teacher never changes. Frozen tensors stay shared. Returns the bytes copied.
+    """
+    if teacher is None:
+        return 0
+    ptrs = {t.untyped_storage().data_ptr() for t in list(teacher.parameters()) + list(teacher.buffers())
+            if t.device.type != "meta"}
+    shared = {id(p) for p in params if p.device.type != "meta" and p.untyped_storage().data_ptr() in ptrs}
+    copies: dict[int, torch.nn.Parameter] = {}  # one copy per tensor, so tied weights stay tied
+    for mod, name, p in _modules_with(student, shared):
+        if id(p) not in copies:
+            copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        mod._parameters[name] = copies[id(p)]
+    return sum(p.numel() * p.element_size() for p in copies.values())
+
+
+def _router_norm_params(student) -> list[torch.Tensor]:
+    """The routers' parameters and every normalisation weight (SlimQwen-style cheap recovery)."""
+    keep = {id(p) for layer in models.moe_layers(student) for p in layer.router.parameters()}
+    keep |= {id(p) for n, p in student.named_parameters() if "norm" in n.lower()}
+    return [p for p in student.parameters() if id(p) in keep]
+
+
+def _lora_targets(student) -> tuple[list[str], list[str]]:
+    """LoRA targets: every nn.Linear but the output head, and the fused expert tensors where they are 3-D.
+
+    Returns (target_modules, target_parameters) for ``peft.LoraConfig``. The fused experts of
+    transformers 5 families are parameters, not Linear modules; peft adapts them through
+    ``target_parameters`` (one low-rank update per expert).
+    """
+    head = student.get_output_embeddings()
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in student.named_modules()
+                     if isinstance(m, torch.nn.Linear) and m is not head})
+    fused = set()
+    for layer in models.moe_layers(student):
+        mod = layer.experts_module()
+        for attr in (layer.spec.gate_up, layer.spec.down):
+            t = getattr(mod, attr, None)
+            if isinstance(t, torch.nn.Parameter) and t.dim() == 3:
+                fused.add(f"{layer.spec.experts_attr}.{attr}")
+    return linear, sorted(fused)
+
+
+def _checkpointing(model) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+class _Float32Master:
+    """AdamW on float32 master copies of low-precision (bf16 / fp16) parameters.
+
+    torch's AdamW keeps its moments in the parameter's dtype; on bf16 weights small updates round
+    away. Each low-precision parameter gets a float32 master that the optimizer steps; the gradient is
+    copied up after backward and the master copied down after the step. float32 parameters are their
+    own master (no copy).
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.pairs = [(p, torch.nn.Parameter(p.detach().float()) if p.dtype in _LOW_PRECISION else p) for p in params]
+        self.master = {id(p): m for p, m in self.pairs}
+
+    def of(self, p):
+        return self.master[id(p)]
+
+    def grads_up(self) -> None:
+        for p, m in self.pairs:
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def weights_down(self) -> None:
+        for p, m in self.pairs:
+            if m is not p:
+                p.copy_(m)
+
+
 def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: int = 8, seq_len: int = 256,
             lr: float = 1e-3, lm_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 2.0,
             mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
-            eval_rows: torch.Tensor | None = None, eval_every: int = 0, progress: bool = False) -> list[dict]:
+            eval_rows: torch.Tensor | None = None, eval_every: int = 0, progress: bool = False,
+            trainable: str = "all", lora_rank: int = 16, lora_alpha: float | None = None,
+            gradient_checkpointing: bool = False) -> list[dict]:
     """Train ``student`` in place on lm_weight * LM + kd_weight * KD (module docstring).
 
     Args:
-        student: the model to train (left in eval mode afterwards).
+        student: the model to train (left in eval mode afterwards). It may be a ``models.variant`` of
+            the teacher: every tensor recovery writes is copied first when the teacher uses it too, so
+            the teacher never changes and frozen tensors stay shared.
         tokenizer: its tokenizer (the teacher must share it).
         teacher: the uncompressed model, needed when ``kd_weight > 0`` (never updated).
         steps, batch_size, seq_len: the token budget, steps * batch_size * seq_len.
@@ -112,6 +213,17 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         eval_rows: optional held-out rows (``heldout_rows``) scored every ``eval_every`` steps and at
             the end, as ``heldout_nll`` in the curve.
         progress: show a tqdm bar.
+        trainable: what is trained. ``"all"`` (full fine-tuning, the embedded default); ``"lora"``:
+            LoRA adapters (peft) of rank ``lora_rank`` on every Linear but the output head and on the
+            fused expert tensors, merged into the weights at the end (the student keeps its
+            architecture and size); ``"router_norms"``: the routers and the normalisation weights only.
+            The last two fit a 30B student beside its teacher on one GPU.
+        lora_rank, lora_alpha: LoRA rank and scale (alpha defaults to 2 * rank).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass
+            (transformers' gradient checkpointing) instead of keeping them.
+
+    Bf16 or fp16 weights are stepped through float32 master copies (``_Float32Master``), so the
+    optimizer state is float32 whatever the weights' dtype. No gradient is kept after training.
 
     Returns:
         The curve: one dict per step with step, loss, lm_loss, kd_loss (NaN when unused), lr, seconds,
@@ -127,9 +239,10 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         raise ValueError("kd_weight > 0 needs a teacher model (the uncompressed original)")
     if teacher is not None and teacher is student:
         raise ValueError("the teacher must be a different model object from the student")
-    if teacher is not None and models.shared_bytes(teacher, student):
-        raise ValueError("the student shares tensors with the teacher (a models.variant): training it would change "
-                         "the teacher too; train copy.deepcopy(student) instead")
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}: choose one of {', '.join(TRAINABLE)}")
+    if trainable == "lora" and lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1; got {lora_rank}")
     zoo.seed_everything(seed)
     mixd = data.parse_mix(mix)
     need = steps * batch_size * seq_len
@@ -137,12 +250,45 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
                for d in data.DOMAINS if mixd[d] > 0}
     batches = zoo._Batches(streams, mixd, seq_len, batch_size, seed)
     device = models.input_device(student)
-    params = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
-    ids = {id(p) for p in decay}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}],
+
+    requires = {n: p.requires_grad for n, p in student.named_parameters()}
+    peft_model = None
+    if trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        linear, fused = _lora_targets(student)
+        targeted = {id(p) for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)
+                    and n.rsplit(".", 1)[-1] in linear for p in m.parameters(recurse=False)}
+        targeted |= {id(p) for n, p in student.named_parameters() if any(n.endswith(f) for f in fused)}
+        _unshare(student, teacher, [p for p in student.parameters() if id(p) in targeted])
+        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0, bias="none",
+                         target_modules=linear or None, target_parameters=fused or None)
+        peft_model = get_peft_model(student, cfg)  # adapters in float32 (peft casts them up)
+        named = list(peft_model.named_parameters())
+    else:
+        pick = (lambda: list(student.parameters())) if trainable == "all" else (lambda: _router_norm_params(student))
+        _unshare(student, teacher, pick())
+        chosen = {id(p) for p in pick()}  # after _unshare: the student's own copies
+        for n, p in student.named_parameters():
+            p.requires_grad_(requires.get(n, True) and id(p) in chosen)
+        named = list(student.named_parameters())
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise ValueError(f"trainable={trainable!r} leaves no parameter of this model to train")
+    master = _Float32Master([p for _, p in named])
+    decay_ids = {id(p) for n, p in named if p.ndim >= 2 and "norm" not in n}
+    opt = torch.optim.AdamW([{"params": [master.of(p) for _, p in named if id(p) in decay_ids], "weight_decay": weight_decay},
+                             {"params": [master.of(p) for _, p in named if id(p) not in decay_ids], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
+    opt_params = [m for _, m in master.pairs]
+    net = peft_model if peft_model is not None else student
+    checkpointing_was = _checkpointing(student)
+    if gradient_checkpointing and not checkpointing_was:
+        # transformers >= 5.20 names it activation checkpointing; older 5.x gradient checkpointing
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def lr_at(step):
         if step < warmup:
@@ -152,17 +298,17 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
 
     curve: list[dict] = []
     if eval_rows is not None:
-        curve.append({"step": -1, "heldout_nll": heldout_nll(student, eval_rows), "seconds": 0.0})
+        curve.append({"step": -1, "heldout_nll": heldout_nll(net, eval_rows), "seconds": 0.0})
     if teacher is not None:
         teacher.eval()
-    student.train()
+    net.train()
     t0 = time.time()
     try:
         for step in tqdm(range(steps), desc="recovery", disable=not progress, mininterval=2):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             x = next(batches).to(device)
-            logits = student(input_ids=x).logits[:, :-1]
+            logits = net(input_ids=x).logits[:, :-1]
             V = logits.shape[-1]
             lm = F.cross_entropy(logits.reshape(-1, V).float(), x[:, 1:].reshape(-1))
             loss = lm_weight * lm
@@ -174,13 +320,28 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
                 loss = loss + kd_weight * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            master.grads_up()
+            torch.nn.utils.clip_grad_norm_(opt_params, 1.0)
             opt.step()
+            master.weights_down()
             rec = {"step": step, "loss": float(loss.detach()), "lm_loss": float(lm.detach()), "kd_loss": float(kd.detach()), "lr": lr_at(step),
                    "seconds": time.time() - t0}
             if eval_rows is not None and ((eval_every and (step + 1) % eval_every == 0) or step == steps - 1):
-                rec["heldout_nll"] = heldout_nll(student, eval_rows)
+                rec["heldout_nll"] = heldout_nll(net, eval_rows)
             curve.append(rec)
     finally:
+        opt.zero_grad(set_to_none=True)
+        for p in student.parameters():
+            p.grad = None  # nothing keeps gradients after training
+        del opt, master
+        if peft_model is not None:
+            peft_model.merge_and_unload()  # the adapters go into the (unshared) base weights, in place
+            for name in ("peft_config", "_hf_peft_config_loaded"):
+                if name in vars(student):
+                    delattr(student, name)
+        for n, p in student.named_parameters():
+            p.requires_grad_(requires.get(n, True))
+        if gradient_checkpointing and not checkpointing_was:
+            (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
         student.eval()
     return curve
