@@ -476,8 +476,8 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
     the layer's sampled inputs); the centroids' router rows are kept.
 
     ``sequential=True`` (the paper): layers are processed front to back and each is observed after the
-    earlier ones were merged (``observe.observe_sequential``: about (L + 1) / 2 forward passes of the
-    calibration set for L layers). ``sequential=False`` merges every layer from one observation of the
+    earlier ones were merged (``observe.observe_sequential``, by layer-wise replay of the kept hidden
+    states: about three forward passes of the calibration set whatever the depth). ``sequential=False`` merges every layer from one observation of the
     original model (``obs``, or one pass over ``calib`` when none is given).
 
     Args:

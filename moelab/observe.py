@@ -133,6 +133,12 @@ class _Recorder:
         self.topk_denom = None
         self.token_group = None
 
+    def finish(self) -> LayerStats:
+        """The statistics, with the per-domain counts filled in and the sampling keys dropped."""
+        self.stats._sample_keys = None
+        self.stats.counts_by_group = {g: self.group_counts[i] for i, g in enumerate(self.group_ids)}
+        return self.stats
+
     # -- block pre-hook: routing statistics for every token of the batch
     def before_block(self, hidden: torch.Tensor, valid: torch.Tensor, token_group: torch.Tensor) -> None:
         st = self.stats
@@ -194,11 +200,7 @@ class _Recorder:
 
 
 def _decoder_layers(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise models.UnsupportedModelError(f"{type(model).__name__}: no decoder `layers` list to observe")
-    return layers
+    return models.decoder_layers(model)
 
 
 class _StopForward(Exception):
@@ -206,8 +208,8 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, batch_state: dict):
-    """Install the block pre-hooks, kernel recorders and decoder-layer hooks; remove them on exit."""
+def _observing(model, recorders: dict, layer_cos: dict | None, stop_after: int | None, batch_state: dict):
+    """Install the block pre-hooks, kernel recorders and (unless ``layer_cos`` is None) decoder-layer hooks."""
     handles = []
     previous_impl = model.config._experts_implementation
     kernels.use_sorted_kernel(model)
@@ -220,7 +222,7 @@ def _observing(model, recorders: dict, layer_cos: dict, stop_after: int | None, 
                                  None if group is None else group.to(hidden.device))
             handles.append(rec.layer.block.register_forward_pre_hook(pre, with_kwargs=True))
             rec.layer.experts_module()._moelab_recorder = rec
-        for i, dec in enumerate(_decoder_layers(model)):
+        for i, dec in enumerate(_decoder_layers(model) if layer_cos is not None else []):
             def cos_hook(mod, args, kwargs, output, i=i):
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, tuple) else output
@@ -285,11 +287,7 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     """
     from tqdm.auto import tqdm
 
-    ids, mask, groups = _rows(dataset)
-    n_valid = int(mask.sum()) if ids.numel() else 0
-    if n_valid < min_tokens:
-        raise ValueError(f"calibration set has {n_valid} valid tokens, fewer than min_tokens={min_tokens}; "
-                         "build a larger one with moelab.data.calibration_set(tokens=...)")
+    ids, mask, groups, n_valid = _checked_rows(dataset, min_tokens)
     moe = models.moe_layers(model)
     if layers is not None:
         wanted = set(layers)
@@ -313,43 +311,150 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     with _observing(model, recorders, layer_cos, stop_after, state):
         for i in tqdm(range(0, len(ids), batch_size), desc="observing", disable=not progress, mininterval=2):
             x, m = ids[i:i + batch_size], mask[i:i + batch_size]
-            state["valid"] = m.reshape(-1).bool().to(device)
-            state["all_valid"] = bool(state["valid"].all())
-            if groups:
-                g = torch.tensor([group_names.index(s) for s in groups[i:i + batch_size]])
-                state["group"] = g.repeat_interleave(x.shape[1]).to(device)
+            _batch_state(state, m, groups, group_names, i, batch_size, device)
             try:
                 model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
             except _StopForward:
                 pass
     model.train(was_training)
-    out = Observation(layers={k: r.stats for k, r in recorders.items()},
+    out = Observation(layers={k: r.finish() for k, r in recorders.items()},
                       layer_cos={k: s / max(1, n) for k, (s, n) in sorted(layer_cos.items())},
                       tokens=n_valid, groups=group_names)
-    for rec in recorders.values():
-        rec.stats._sample_keys = None
-        rec.stats.counts_by_group = {g: rec.group_counts[i] for i, g in enumerate(group_names)}
     out.check_finite()
     return out
 
 
-def observe_sequential(model, dataset, edit, **kwargs) -> dict:
-    """Observe and edit MoE layers one at a time, front to back (REAM, METHODS.md section 2).
+def _checked_rows(dataset, min_tokens: int):
+    ids, mask, groups = _rows(dataset)
+    n_valid = int(mask.sum()) if ids.numel() else 0
+    if n_valid < min_tokens:
+        raise ValueError(f"calibration set has {n_valid} valid tokens, fewer than min_tokens={min_tokens}; "
+                         "build a larger one with moelab.data.calibration_set(tokens=...)")
+    return ids, mask, groups, n_valid
 
-    Layer l is observed after layers before it were edited, so its calibration inputs pass
-    through the already-compressed earlier layers. Each pass stops after the observed layer.
+
+def _batch_state(state: dict, m: torch.Tensor, groups, group_names: list, i: int, batch_size: int, device) -> None:
+    """Set the valid-token mask and domain ids of rows i .. i + batch_size for the block pre-hooks."""
+    state["valid"] = m.reshape(-1).bool().to(device)
+    state["all_valid"] = bool(state["valid"].all())
+    if groups:
+        g = torch.tensor([group_names.index(s) for s in groups[i:i + batch_size]])
+        state["group"] = g.repeat_interleave(m.shape[1]).to(device)
+
+
+def observe_sequential(model, dataset, edit, *, replay: bool = True, batch_size: int = 8, sample_size: int = 512,
+                       seed: int = 0, progress: bool = True, min_tokens: int = 64) -> dict:
+    """Observe and edit MoE layers one at a time, front to back (REAM's sequential merging).
+
+    Layer l is observed after the layers before it were edited, so its calibration inputs pass
+    through the already-compressed earlier layers.
+
+    ``replay=True`` keeps the calibration hidden states at the input of the current layer: one
+    forward pass up to the last MoE layer records every decoder layer's call (masks, positions) and
+    the first MoE layer's inputs; then each layer is observed by one forward of that layer alone,
+    edited, and run once more (edited) to give the next layer its inputs. The whole job costs about
+    three forward passes of the calibration set, against about (L + 1) / 2 when each layer is observed
+    by a pass from the embeddings (``replay=False``, stopping after the observed layer). Both see the
+    same inputs and give the same statistics. The kept hidden states take rows x length x hidden
+    elements in the model's dtype (128 MiB for 32,768 tokens at hidden 2048 in bf16).
 
     Args:
         model: the model to compress in place.
         dataset: the calibration set (as for ``observe``).
         edit: ``edit(layer_idx, LayerStats)`` compresses that layer in place.
+        replay: layer-wise replay (default) or one pass from the embeddings per layer.
+        batch_size, sample_size, seed, progress, min_tokens: as for ``observe`` (each layer's input
+            sample is drawn with a generator seeded by ``seed``).
 
     Returns:
         {layer_idx: LayerStats seen before that layer was edited}.
     """
-    seen = {}
-    for layer in [l.layer_idx for l in models.moe_layers(model)]:
-        obs = observe(model, dataset, layers=[layer], **kwargs)
-        seen[layer] = obs[layer]
-        edit(layer, obs[layer])
+    kwargs = dict(batch_size=batch_size, sample_size=sample_size, seed=seed, progress=progress, min_tokens=min_tokens)
+    if not replay:
+        seen = {}
+        for layer in [l.layer_idx for l in models.moe_layers(model)]:
+            obs = observe(model, dataset, layers=[layer], **kwargs)
+            seen[layer] = obs[layer]
+            edit(layer, obs[layer])
+        return seen
+    return _replay(model, dataset, edit, **kwargs)
+
+
+def _split_call(args: tuple, kwargs: dict):
+    """(hidden states, the other positional arguments, the other keyword arguments) of a decoder-layer call."""
+    if args:
+        return args[0], args[1:], dict(kwargs)
+    kw = dict(kwargs)
+    return kw.pop("hidden_states"), (), kw
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _replay(model, dataset, edit, *, batch_size: int, sample_size: int, seed: int, progress: bool,
+            min_tokens: int) -> dict:
+    from tqdm.auto import tqdm
+
+    ids, mask, groups, _ = _checked_rows(dataset, min_tokens)
+    moe_idx = [l.layer_idx for l in models.moe_layers(model)]
+    if not moe_idx:
+        raise ValueError("the model has no MoE layers to observe")
+    first, last = moe_idx[0], moe_idx[-1]
+    decs = _decoder_layers(model)
+    group_names = sorted(set(groups)) if groups else []
+    device = models.input_device(model)
+    was_training = model.training
+    model.eval()
+
+    # 1. one pass up to the last MoE layer: every decoder layer's call arguments and the first MoE layer's input
+    batches = []
+    for i in range(0, len(ids), batch_size):
+        x, m = ids[i:i + batch_size], mask[i:i + batch_size]
+        rec = {"mask": m, "start": i, "calls": {}}
+
+        def capture(mod, args, kw, j):
+            hidden, rest, other = _split_call(args, kw)
+            rec["calls"][j] = (rest, other)
+            if j == first:
+                rec["hidden"] = hidden
+            if j == last:
+                raise _StopForward
+
+        handles = [decs[j].register_forward_pre_hook(lambda mod, a, k, j=j: capture(mod, a, k, j), with_kwargs=True)
+                   for j in range(first, last + 1)]
+        try:
+            model(input_ids=x.to(device), attention_mask=m.to(device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        batches.append(rec)
+
+    # 2. layer by layer: observe (one layer forward), edit, run the edited layer to feed the next one
+    seen, state = {}, {"valid": None, "all_valid": True, "group": None}
+    for j in tqdm(range(first, last + 1), desc="observing layer by layer", disable=not progress, mininterval=2):
+        dec = _decoder_layers(model)[j]
+        if j in moe_idx:
+            layer = next(l for l in models.moe_layers(model) if l.layer_idx == j)
+            st = LayerStats(j, layer.num_experts, layer.top_k)
+            recorder = _Recorder(layer, st, sample_size, torch.Generator().manual_seed(seed), group_names)
+            with _observing(model, {j: recorder}, None, None, state):
+                for b in batches:
+                    hidden = b["hidden"]
+                    _batch_state(state, b["mask"], groups, group_names, b["start"], batch_size, hidden.device)
+                    rest, other = b["calls"][j]
+                    dec(hidden, *rest, **other)
+            stats = recorder.finish()
+            Observation({j: stats}, {}, stats.tokens, group_names).check_finite()
+            seen[j] = stats
+            edit(j, stats)
+            dec = _decoder_layers(model)[j]
+        if j < last:
+            for b in batches:
+                rest, other = b["calls"][j]
+                b["hidden"] = _layer_output(dec(b["hidden"], *rest, **other))
+    model.train(was_training)
     return seen

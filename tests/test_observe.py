@@ -138,3 +138,43 @@ def test_observe_works_on_an_offloaded_model(smoke, calib, obs, tmp_path):
     for i, st in obs.layers.items():
         assert torch.equal(seen[i].counts, st.counts)
         torch.testing.assert_close(seen[i].reap_sum, st.reap_sum, rtol=1e-4, atol=1e-4)
+
+
+def _halve(model):
+    def edit(layer_idx, stats):
+        layer = {l.layer_idx: l for l in models.moe_layers(model)}[layer_idx]
+        keep = torch.argsort(stats.counts, descending=True, stable=True)[: max(layer.top_k, stats.num_experts // 2)]
+        keep = keep.sort().values
+        weights = {k: v[keep] for k, v in layer.expert_weights().items()}
+        indexed = {k: v[keep] for k, v in layer.expert_indexed().items()}
+        models.set_experts(model, layer_idx, weights, layer.router_weight()[keep], indexed)
+    return edit
+
+
+@pytest.mark.parametrize("family", models.TINY_FAMILIES)
+def test_layer_wise_replay_gives_the_statistics_of_a_pass_per_layer(family):
+    """Replay (hidden states kept at the current layer) against one pass from the embeddings per layer."""
+    base = models.tiny_model(family, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (6, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # right padding: padded tokens are left out of every statistic
+    mask[4, 9:] = 0
+    rows = {"input_ids": ids, "attention_mask": mask, "domain": ["general", "math", "code"] * 2}
+    runs = []
+    for replay in (False, True):
+        model = copy.deepcopy(base)
+        seen = observe.observe_sequential(model, rows, _halve(model), replay=replay, batch_size=4, sample_size=16,
+                                          progress=False, min_tokens=16)
+        runs.append((model, seen))
+    (m0, s0), (m1, s1) = runs
+    assert sorted(s0) == sorted(s1) == [l.layer_idx for l in models.moe_layers(base)]
+    for j in s0:
+        a, b = vars(s0[j]), vars(s1[j])
+        for name, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.allclose(v, b[name], rtol=1e-5, atol=1e-6), (family, j, name)
+        assert a["tokens"] == b["tokens"] == int(mask.sum())
+        assert all(torch.equal(a["counts_by_group"][k], b["counts_by_group"][k]) for k in a["counts_by_group"])
+    sd0, sd1 = m0.state_dict(), m1.state_dict()
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
