@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import data, models, zoo
 
-__all__ = ["recover", "TRAINABLE", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
+__all__ = ["recover", "recover_new", "TRAINABLE", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -105,17 +105,17 @@ def _modules_with(model, tensor_ids: set) -> list[tuple[torch.nn.Module, str, to
     return out
 
 
-def _unshare(student, teacher, params: list[torch.Tensor]) -> int:
-    """Give ``student`` its own copy of each of ``params`` that shares storage with ``teacher``.
+def _unshare(student, others, params: list[torch.Tensor]) -> int:
+    """Give ``student`` its own copy of each of ``params`` that shares storage with a model in ``others``.
 
     A student built by ``models.variant`` shares every tensor it did not edit with the original; the
     ones recovery will write (trained parameters, or base weights a LoRA adapter is merged into) are
     copied first, so the teacher never changes. Frozen tensors stay shared. Returns the bytes copied.
     """
-    if teacher is None:
+    ptrs = {t.untyped_storage().data_ptr() for m in others if m is not None
+            for t in list(m.parameters()) + list(m.buffers()) if t.device.type != "meta"}
+    if not ptrs:
         return 0
-    ptrs = {t.untyped_storage().data_ptr() for t in list(teacher.parameters()) + list(teacher.buffers())
-            if t.device.type != "meta"}
     shared = {id(p) for p in params if p.device.type != "meta" and p.untyped_storage().data_ptr() in ptrs}
     copies: dict[int, torch.nn.Parameter] = {}  # one copy per tensor, so tied weights stay tied
     for mod, name, p in _modules_with(student, shared):
@@ -193,7 +193,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
             eval_rows: torch.Tensor | None = None, eval_every: int = 0, progress: bool = False,
             trainable: str = "all", lora_rank: int = 16, lora_alpha: float | None = None,
-            gradient_checkpointing: bool = False) -> list[dict]:
+            gradient_checkpointing: bool = False, protect=()) -> list[dict]:
     """Train ``student`` in place on lm_weight * LM + kd_weight * KD (module docstring).
 
     Args:
@@ -221,6 +221,8 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         lora_rank, lora_alpha: LoRA rank and scale (alpha defaults to 2 * rank).
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass
             (transformers' gradient checkpointing) instead of keeping them.
+        protect: other models whose tensors recovery must not write (the teacher always is): a student
+            that is ``models.variant(m)`` of some compressed ``m`` is trained without changing ``m``.
 
     Bf16 or fp16 weights are stepped through float32 master copies (``_Float32Master``), so the
     optimizer state is float32 whatever the weights' dtype. No gradient is kept after training.
@@ -260,14 +262,14 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         targeted = {id(p) for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)
                     and n.rsplit(".", 1)[-1] in linear for p in m.parameters(recurse=False)}
         targeted |= {id(p) for n, p in student.named_parameters() if any(n.endswith(f) for f in fused)}
-        _unshare(student, teacher, [p for p in student.parameters() if id(p) in targeted])
+        _unshare(student, [teacher, *protect], [p for p in student.parameters() if id(p) in targeted])
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0, bias="none",
                          target_modules=linear or None, target_parameters=fused or None)
         peft_model = get_peft_model(student, cfg)  # adapters in float32 (peft casts them up)
         named = list(peft_model.named_parameters())
     else:
         pick = (lambda: list(student.parameters())) if trainable == "all" else (lambda: _router_norm_params(student))
-        _unshare(student, teacher, pick())
+        _unshare(student, [teacher, *protect], pick())
         chosen = {id(p) for p in pick()}  # after _unshare: the student's own copies
         for n, p in student.named_parameters():
             p.requires_grad_(requires.get(n, True) and id(p) in chosen)
@@ -345,3 +347,21 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
         student.eval()
     return curve
+
+
+def recover_new(build, tokenizer, *, teacher=None, from_scratch: bool = False, seed: int = 0, **kwargs):
+    """Build a student, recover it, return ``(student, curve)``: one student alive per run.
+
+    ``build()`` returns a fresh compressed model (a ``models.variant`` of the teacher, or of a model in
+    ``protect``, is fine: recovery copies the tensors it writes). ``from_scratch=True`` trains the same architecture from random
+    init seeded by ``seed`` (``reinitialised``; SlimQwen's "random init + KD" baseline) and drops the
+    built weights first. The same ``build``, seed and settings give the same student again, so a
+    notebook can rebuild the one it saves instead of keeping every recovered model.
+    """
+    student = build()
+    if from_scratch:
+        fresh = reinitialised(student, seed=seed)
+        del student
+        student = fresh
+    curve = recover(student, tokenizer, teacher=teacher, seed=seed, **kwargs)
+    return student, curve
