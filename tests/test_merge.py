@@ -281,3 +281,65 @@ def test_kmeans_cluster_with_zero_weights_falls_back_to_equal_weights():
     units = b / b.norm(dim=1, keepdim=True)
     # equal weights: the direction of the plain mean of the members' unit vectors
     assert torch.nn.functional.cosine_similarity(cb, units.mean(0), dim=0) > 0.99999
+
+
+def _assignment_cost(cost, perm):
+    return float(cost[torch.arange(len(perm)), perm].double().sum())
+
+
+def test_restricted_matching_finds_the_exact_optimum_and_falls_back_when_it_cannot():
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 32, generator=g)
+    b = 0.7 * a[torch.randperm(600, generator=g)] + torch.randn(600, 32, generator=g)
+    cost = torch.cdist(a, b)
+    rows, cols = linear_sum_assignment(cost.double().numpy())
+    exact = float(cost.double().numpy()[rows, cols].sum())
+    perm = merge.hungarian(cost, candidates=32)
+    assert sorted(perm.tolist()) == list(range(600))  # a permutation
+    # the optimum over 32 candidates per row: never below the exact one, and close to it
+    assert exact - 1e-9 <= _assignment_cost(cost, perm) <= exact * (1 + 1e-3)
+    assert _assignment_cost(cost, merge.hungarian(cost, candidates=300)) == pytest.approx(exact, rel=1e-9)
+    # one candidate per row, every row's cheapest the same column: no perfect matching inside the candidates,
+    # so the candidates grow (4, 16, ...) until one exists, and the answer is still the optimum
+    cost2 = torch.rand(50, 50, generator=g) + 1.0
+    cost2[:, 0] = 0.0
+    perm2 = merge.hungarian(cost2, candidates=1)
+    r2, c2 = linear_sum_assignment(cost2.double().numpy())
+    assert sorted(perm2.tolist()) == list(range(50))
+    assert _assignment_cost(cost2, perm2) == pytest.approx(float(cost2.double().numpy()[r2, c2].sum()), rel=1e-9)
+    with pytest.raises(FloatingPointError):
+        merge.hungarian(torch.full((3, 3), float("nan")))
+
+
+def test_wide_experts_take_the_restricted_matching(monkeypatch):
+    """Above DENSE_MATCH_MAX neurons weight matching goes through the sparse candidate graph, same answer."""
+    g = torch.Generator().manual_seed(1)
+    I, H = 256, 24
+    ref = {"gate": torch.randn(I, H, generator=g), "up": torch.randn(I, H, generator=g), "down": torch.randn(H, I, generator=g)}
+    perm = torch.randperm(I, generator=g)
+    other = merge.permute_neurons({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in ref.items()}, perm)
+    dense = merge.align_weights(ref, other)
+    monkeypatch.setattr(merge, "DENSE_MATCH_MAX", 64)
+    calls = []
+    real = merge._restricted_match
+    monkeypatch.setattr(merge, "_restricted_match", lambda c, k: calls.append(k) or real(c, k))
+    assert torch.equal(merge.align_weights(ref, other), dense)
+    assert calls and calls[0] == merge.MATCH_CANDIDATES
+
+
+def test_randomized_pca_matches_the_exact_components(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    # strong low-rank structure plus noise, as in trained weights
+    basis = torch.randn(8, 300, generator=g, dtype=torch.float64)
+    fa = torch.randn(200, 8, generator=g, dtype=torch.float64) @ basis * 5 + torch.randn(200, 300, generator=g, dtype=torch.float64)
+    fb = torch.randn(200, 8, generator=g, dtype=torch.float64) @ basis * 5 + torch.randn(200, 300, generator=g, dtype=torch.float64)
+    pa, pb = merge._pca_pair(fa, fb, 8)
+    monkeypatch.setattr(merge, "EXACT_PCA_MAX", 16)
+    ra, rb = merge._pca_pair(fa, fb, 8)
+    # the same subspace: pairwise distances between projected neurons agree (signs and rotations drop out)
+    d_exact, d_rand = torch.cdist(pa, pb), torch.cdist(ra, rb)
+    assert torch.allclose(d_exact, d_rand, rtol=1e-6, atol=1e-6)
+    again = merge._pca_pair(fa, fb, 8)
+    assert torch.equal(again[0], ra)  # seeded: deterministic
