@@ -8,7 +8,11 @@ loading and observing, as a multiple of the model's bytes (1.0 = a whole second 
 builds every variant as a whole-model ``copy.deepcopy`` (the code before variants shared tensors), so
 the two columns are before and after.
 
-    python benchmarks/memory.py [--layers 2] [--out benchmarks/results/memory.json]
+    python benchmarks/memory.py [--layers 2] [--methods NAME,...] [--out benchmarks/results/memory.json]
+
+The recovery rows train a pruned student (a variant) for one step beside its teacher, with each of
+``train.recover``'s ``trainable`` modes; their figure includes the student's own tensors, the tensors
+recovery copies before writing, gradients, float32 masters and AdamW state.
 """
 
 from __future__ import annotations
@@ -33,12 +37,35 @@ SHAPE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_e
              num_attention_heads=4, num_key_value_heads=1, head_dim=128, vocab_size=4096)
 TARGET = 96  # REAM's 128 -> 96
 
+def _recovery(trainable: str, checkpointing: bool = False, lora_experts: bool = True):
+    """One recovery step of a pruned student (a variant) beside its teacher: what training adds."""
+    def run(model, obs):
+        from moelab import train, zoo
+
+        tok = zoo.load("smoke")[1]  # any tokenizer whose ids fit the vocabulary feeds the batches
+        student = models.variant(prune.prune(model, obs, "frequency", num_experts=TARGET)[0])
+        train.recover(student, tok, teacher=model, steps=1, batch_size=1, seq_len=128, lm_weight=0.5, kd_weight=0.5,
+                      trainable=trainable, lora_rank=16, warmup=1, gradient_checkpointing=checkpointing, lora_experts=lora_experts)
+        return student
+    return run
+
+
+RECOVERY = {
+    "recovery step: full fine-tuning": _recovery("all"),
+    "recovery step: LoRA rank 16": _recovery("lora"),
+    "recovery step: LoRA rank 16 + gradient checkpointing": _recovery("lora", True),
+    "recovery step: LoRA rank 16 on Linear layers only": _recovery("lora", lora_experts=False),
+    "recovery step: full fine-tuning + gradient checkpointing": _recovery("all", True),
+    "recovery step: routers and norms": _recovery("router_norms"),
+}
+
 METHODS = {
     "frequency pruning": lambda m, o: prune.prune(m, o, "frequency", num_experts=TARGET)[0],
     "M-SMoE merge (weight matching)": lambda m, o: compress.merge_into_nearest_model(m, o, TARGET, align="weights")[0],
     "HC-SMoE": lambda m, o: compress.hc_smoe_model(m, o, TARGET)[0],
     "depth (1 layer)": lambda m, o: prune.remove_layers(m, o, 1)[0],
     "width 0.75": lambda m, o: prune.slice_width(m, o, 0.75)[0],
+    **RECOVERY,
 }
 
 
@@ -80,20 +107,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "COPY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one[0], args.layers, args.one[1] == "deep")))
         return 0
     rows = []
-    for method in METHODS:
-        for how in ("deep", "variant"):
+    chosen = args.methods.split(",") if args.methods else list(METHODS)
+    for method in chosen:
+        for how in (("variant",) if method in RECOVERY else ("deep", "variant")):
             out = subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--one", method, how],
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{method:32s} {r['copy']:8s} peak {r['peak_x_model']:.2f}x model "
                   f"(variant's own tensors {r['variant_own_x_model']:.2f}x)", flush=True)
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if old.get("layers") == args.layers:  # a subset run keeps the other methods' rows of the same model
+        fresh = {(r["method"], r["copy"]) for r in rows}
+        rows = [r for r in old.get("rows", []) if (r["method"], r["copy"]) not in fresh] + rows
     io.write_json_atomic(args.out, {"shape": SHAPE, "layers": args.layers, "dtype": "bfloat16",
                                     "versions": io.package_versions(), "git_revision": io.git_revision(),
                                     "note": "peak resident memory above the loaded and observed model, per process",

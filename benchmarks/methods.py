@@ -62,24 +62,50 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-@torch.no_grad()
-def kernels_section(args) -> dict:
-    model = _model(1)
+EMBEDDED = dict(hidden_size=256, moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096)  # qwen3-moe-15m's MoE
+
+
+def _kernel_times(shape: dict, dtype, tokens: int, repeats: int, backward: bool) -> dict:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(num_hidden_layers=1, intermediate_size=4 * shape["hidden_size"], max_position_embeddings=512,
+                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     kernels.register()
     block = models.moe_layers(model)[0].block
-    x = torch.randn(1, args.tokens, SHAPE["hidden_size"], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, tokens, shape["hidden_size"], dtype=dtype, generator=torch.Generator().manual_seed(0))
     impls = ["eager", "grouped_mm", kernels.KERNEL_NAME]
     times = {k: [] for k in impls}
-    for r in range(args.repeats + 1):
+
+    def step():
+        if backward:
+            block.zero_grad(set_to_none=True)
+            block(x).float().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                block(x)
+
+    for r in range(repeats + 1):
         for impl in impls:
             model.set_experts_implementation(impl)
-            t = _timed(lambda: block(x))
+            t = _timed(step)
             if r:  # the first round warms up
                 times[impl].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tokens": args.tokens, "repeats": args.repeats, "median_s": med,
-            "ratio_vs_eager": {k: med["eager"] / v for k, v in med.items()},
-            "note": "forward of one MoE block (128 experts, top-8) on a CPU in bf16; ratio above 1: faster than eager"}
+    return {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "step": "forward + backward" if backward else "forward",
+            "median_s": med, "ratio_vs_eager": {k: med["eager"] / v for k, v in med.items()}}
+
+
+def kernels_section(args) -> dict:
+    rows = []
+    for name, shape, dtype in (("Qwen3-30B-A3B MoE", SHAPE, torch.bfloat16), ("embedded qwen3-moe-15m MoE", EMBEDDED, torch.float32)):
+        for backward in (False, True):
+            rows.append({"shape": name, **_kernel_times(shape, dtype, args.tokens, args.repeats, backward)})
+            print(rows[-1], flush=True)
+    return {"rows": rows, "repeats": args.repeats,
+            "note": "one MoE block on a CPU, median of interleaved repeats; ratio above 1: faster than eager"}
 
 
 def ream_section(args) -> dict:
@@ -138,41 +164,71 @@ def dern_section(args) -> dict:
     out.update({"experts": E, "kept": len(kept), "seconds": seconds})
     if "before" in seconds:
         out["ratio_before_over_after"] = seconds["before"] / seconds["after"]
-    all_kept, all_dropped = list(range(0, 128, 2)), list(range(1, 128, 2))
+    # the k-means alone on one kept expert that received as many segments as it has (N = 2I points, k = I)
+    g = torch.Generator().manual_seed(0)
+    I, D = SHAPE["moe_intermediate_size"], 3 * SHAPE["hidden_size"]
+    vecs, wts = torch.randn(2 * I, D, generator=g), torch.rand(2 * I, generator=g)
+    km = {}
+    for name, fn in (("before", before), ("after", after)):
+        if fn is not None:
+            km[name] = _timed(lambda: fn(vecs, wts, I, iters=30))
+    out["kmeans_one_expert_s"] = km
+    if "before" in km:
+        out["kmeans_ratio_before_over_after"] = km["before"] / km["after"]
+    t0 = time.perf_counter()
+    kept_e, dropped_e = list(range(0, 128, 2)), list(range(1, 128, 2))
+    merge.assign_segments(weights, kept_e, dropped_e, 0.6)
+    out["full_layer_segment_assignment_s"] = time.perf_counter() - t0
+    all_kept, all_dropped = kept_e, dropped_e
     out["full_layer_after_s"] = _timed(lambda: merge.dern_recombine(weights, all_kept, all_dropped, imp))
-    out["note"] = "dern_recombine, alpha 0.6, 30 k-means iterations; full layer: 128 -> 64 experts of 768 x 2048"
+    out["note"] = ("dern_recombine, alpha 0.6, 30 k-means iterations; full layer: 128 -> 64 experts of 768 x 2048; "
+                   "the segment assignment (every dropped segment against every kept one) is part of the full layer")
     return out
 
 
-def _expert_pair(I: int, H: int, seed: int = 0):
+def _expert_pair(I: int, H: int, seed: int = 0, rank: int = 64):
+    """Two related experts whose neuron features have a decaying spectrum (as trained weights do):
+    a shared rank-``rank`` structure plus noise; ``other`` is ``ref``'s neurons permuted, half re-drawn."""
     g = torch.Generator().manual_seed(seed)
-    ref = {"gate": torch.randn(I, H, generator=g, dtype=torch.bfloat16),
-           "up": torch.randn(I, H, generator=g, dtype=torch.bfloat16),
-           "down": torch.randn(H, I, generator=g, dtype=torch.bfloat16)}
+
+    def structured(rows, cols):
+        scale = torch.linspace(3.0, 0.3, rank)
+        return (torch.randn(rows, rank, generator=g) * scale) @ torch.randn(rank, cols, generator=g) / rank ** 0.5
+
+    ref = {"gate": structured(I, H), "up": structured(I, H), "down": structured(H, I)}
+    ref = {k: (v + 0.3 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in ref.items()}
     perm = torch.randperm(I, generator=g)
-    # a related expert: half its weights a permuted copy of ref's, half independent noise
-    other = merge.permute_neurons({k: (0.5 * v.float() + torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in ref.items()}, perm)
+    other = merge.permute_neurons({k: (0.5 * v.float() + 0.5 * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+                                   for k, v in ref.items()}, perm)
     return ref, other
+
+
+def _assignment_rows(cost: torch.Tensor) -> dict:
+    I = cost.shape[0]
+    exact, restricted = {}, {}
+    row = {"dense_assignment_s": _timed(lambda: exact.update(p=merge.hungarian(cost, candidates=I))),
+           "restricted_assignment_s": _timed(lambda: restricted.update(
+               p=merge.hungarian(cost, candidates=merge.MATCH_CANDIDATES)))}
+    total = lambda p: float(cost[torch.arange(I), p].double().sum())
+    row["restricted_cost_gap"] = (total(restricted["p"]) - total(exact["p"])) / abs(total(exact["p"]))
+    row["same_matches"] = float((restricted["p"] == exact["p"]).float().mean())
+    row["ratio_dense_over_restricted"] = row["dense_assignment_s"] / row["restricted_assignment_s"]
+    return row
 
 
 def alignment_section(args) -> dict:
     rows = []
     for I, H in [QWEN3, MIXTRAL][:args.widths]:
         ref, other = _expert_pair(I, H)
-        fr, fo = merge.neuron_features(ref), merge.neuron_features(other)
+        _, unrelated = _expert_pair(I, H, seed=1)
+        fr, fo, fu = merge.neuron_features(ref), merge.neuron_features(other), merge.neuron_features(unrelated)
+        row = {"width": I, "hidden": H, "default_path": "dense" if I <= merge.DENSE_MATCH_MAX else "restricted"}
         t0 = time.perf_counter()
         cost = -(fr @ fo.T)  # weight matching's cost (align_weights)
-        cost_s = time.perf_counter() - t0
-        row = {"width": I, "hidden": H, "cost_matrix_s": cost_s}
-        exact = {}
-        row["dense_assignment_s"] = _timed(lambda: exact.update(p=merge.hungarian(cost, candidates=I)))
-        restricted = {}
-        row["restricted_assignment_s"] = _timed(lambda: restricted.update(p=merge.hungarian(cost, candidates=merge.MATCH_CANDIDATES)))
-        total = lambda p: float(cost[torch.arange(I), p].double().sum())
-        row["restricted_cost_gap"] = (total(restricted["p"]) - total(exact["p"])) / abs(total(exact["p"]))
-        row["same_matches"] = float((restricted["p"] == exact["p"]).float().mean())
-        row["assignment_ratio_dense_over_restricted"] = row["dense_assignment_s"] / row["restricted_assignment_s"]
-        row["default_path"] = "dense" if I <= merge.DENSE_MATCH_MAX else "restricted"
+        row["cost_matrix_s"] = time.perf_counter() - t0
+        row["related pair"] = _assignment_rows(cost)
+        del cost
+        row["unrelated pair"] = _assignment_rows(-(fr @ fu.T))
         # REAM's PCA features of the two experts' neurons (64 dims)
         saved = merge.EXACT_PCA_MAX
         try:
@@ -186,13 +242,18 @@ def alignment_section(args) -> dict:
             merge.EXACT_PCA_MAX = saved
         de = torch.cdist(merge._unit_rows(pe["z"][0]), merge._unit_rows(pe["z"][1]))
         dr = torch.cdist(merge._unit_rows(pr["z"][0]), merge._unit_rows(pr["z"][1]))
+        row["pca_feature_distance_mean_abs_diff"] = float((de - dr).abs().mean())
         row["pca_feature_distance_max_abs_diff"] = float((de - dr).abs().max())
+        row["pca_same_matching"] = float((merge.hungarian(de) == merge.hungarian(dr)).float().mean())
         row["pca_ratio_exact_over_randomized"] = row["pca_exact_s"] / row["pca_randomized_s"]
         rows.append(row)
         print(row, flush=True)
-        del ref, other, fr, fo, cost
-    return {"rows": rows, "note": "one expert pair in bf16 (features and costs in float32); dense = exact "
-                                  "linear_sum_assignment, restricted = 64 candidates per neuron"}
+        del ref, other, unrelated, fr, fo, fu
+    return {"rows": rows, "note": "one expert pair in bf16 (features and costs in float32) with a decaying spectrum "
+                                  "(rank-64 structure plus noise); related: a permuted, half re-drawn copy, "
+                                  "unrelated: independent draws; dense = exact linear_sum_assignment, restricted = "
+                                  "64 candidates per neuron; PCA distances are between unit-normalised 64-d features "
+                                  "(in [0, 2])"}
 
 
 SECTIONS = {"kernels": kernels_section, "ream_sequential": ream_section, "dern": dern_section,

@@ -549,6 +549,8 @@ def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", ali
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
         freq = scores.importance(st, "frequency")
+        if st.out_sum is None:
+            raise ValueError("HC-SMoE groups experts by their mean outputs: observe with outputs=True (the default)")
         mean_out = st.out_sum.double() / st.counts.double().clamp_min(1)[:, None]
         groups[layer.layer_idx] = merge.group_hierarchical(mean_out, num_experts, linkage=linkage, frequency=freq)
         coeffs[layer.layer_idx] = freq

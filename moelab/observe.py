@@ -60,12 +60,12 @@ class LayerStats:
     counts_by_group: dict = field(default_factory=dict)
     _sample_keys: torch.Tensor = None
 
-    def init(self, hidden: int) -> None:
+    def init(self, hidden: int, outputs: bool = True) -> None:
         E, f64 = self.num_experts, torch.float64
         for name in ("counts", "soft_mass", "soft_mass_routed", "reap_sum", "reap_topk_sum", "ean_sum", "dern_sum"):
             setattr(self, name, torch.zeros(E, dtype=f64))
-        self.out_sum = torch.zeros(E, hidden, dtype=f64)
-        self.gated_out_sum = torch.zeros(E, hidden, dtype=f64)
+        self.out_sum = torch.zeros(E, hidden, dtype=f64) if outputs else None
+        self.gated_out_sum = torch.zeros(E, hidden, dtype=f64) if outputs else None
         self.logit_gram = torch.zeros(E, E, dtype=f64)
         self.prob_gram = torch.zeros(E, E, dtype=f64)
         self.hidden_abs_sum = torch.zeros(hidden, dtype=f64)
@@ -123,8 +123,9 @@ class _Recorder:
     """Accumulates one layer's statistics; called by the experts kernel once per expert run."""
 
     def __init__(self, layer: models.MoELayer, stats: LayerStats, sample_size: int, generator: torch.Generator,
-                 group_ids: list):
+                 group_ids: list, outputs: bool = True):
         self.layer, self.stats, self.sample_size, self.gen = layer, stats, sample_size, generator
+        self.outputs = outputs
         self.group_ids = group_ids
         self.group_counts = torch.zeros(len(group_ids), stats.num_experts, dtype=torch.float64)
         self.probs = None      # [T, E] of the current batch (set by the block pre-hook)
@@ -144,7 +145,7 @@ class _Recorder:
         st = self.stats
         h = hidden.reshape(-1, hidden.shape[-1])
         if st.counts is None:
-            st.init(h.shape[-1])
+            st.init(h.shape[-1], self.outputs)
         route = self.layer.route(h)
         probs = route.probs.float()
         self.probs, self.valid, self.token_group = probs, valid, token_group
@@ -190,9 +191,10 @@ class _Recorder:
         st.reap_topk_sum += sums[:, 2]
         st.ean_sum += sums[:, 3]
         st.dern_sum += sums[:, 4]
-        st.out_sum += torch.zeros(E, outf.shape[1], device=dev).index_add_(0, expert_idx, outf).double().cpu()
-        st.gated_out_sum += (torch.zeros(E, outf.shape[1], device=dev)
-                             .index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double().cpu())
+        if self.outputs:
+            st.out_sum += torch.zeros(E, outf.shape[1], device=dev).index_add_(0, expert_idx, outf).double().cpu()
+            st.gated_out_sum += (torch.zeros(E, outf.shape[1], device=dev)
+                                 .index_add_(0, expert_idx, g.unsqueeze(-1) * outf).double().cpu())
         if self.token_group is not None:
             G = len(self.group_ids)
             flat = self.token_group[token_idx] * E + expert_idx
@@ -208,7 +210,8 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _observing(model, recorders: dict, layer_cos: dict | None, stop_after: int | None, batch_state: dict):
+def _observing(model, recorders: dict, layer_cos: dict | None, stop_after: int | None, batch_state: dict,
+               cosines: bool = True):
     """Install the block pre-hooks, kernel recorders and (unless ``layer_cos`` is None) decoder-layer hooks."""
     handles = []
     previous_impl = model.config._experts_implementation
@@ -224,6 +227,10 @@ def _observing(model, recorders: dict, layer_cos: dict | None, stop_after: int |
             rec.layer.experts_module()._moelab_recorder = rec
         for i, dec in enumerate(_decoder_layers(model) if layer_cos is not None else []):
             def cos_hook(mod, args, kwargs, output, i=i):
+                if not cosines:
+                    if stop_after is not None and i >= stop_after:
+                        raise _StopForward
+                    return
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, tuple) else output
                 x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
@@ -265,7 +272,7 @@ def _rows(dataset):
 
 @torch.no_grad()
 def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, layers=None, seed: int = 0,
-            progress: bool = True, min_tokens: int = 64) -> Observation:
+            progress: bool = True, min_tokens: int = 64, outputs: bool = True, cosines: bool = True) -> Observation:
     """Run the calibration set through the model once and collect the statistics of every MoE layer.
 
     Args:
@@ -278,6 +285,10 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
             layer the forward pass stops after that layer (used by ``observe_sequential``).
         seed: seeds the input sample.
         min_tokens: refuse calibration sets with fewer valid tokens than this.
+        outputs: collect ``out_sum`` and ``gated_out_sum`` (output similarity, HC-SMoE); off, they
+            are None and the methods that need them say so.
+        cosines: collect ``layer_cos`` (SlimQwen's depth pruning by input-output similarity); off, it
+            is empty.
 
     Returns:
         An ``Observation``.
@@ -299,7 +310,7 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     recorders = {}
     for layer in moe:
         st = LayerStats(layer.layer_idx, layer.num_experts, layer.top_k)
-        recorders[layer.layer_idx] = _Recorder(layer, st, sample_size, gen, group_names)
+        recorders[layer.layer_idx] = _Recorder(layer, st, sample_size, gen, group_names, outputs)
     layer_cos: dict = {}
     stop_after = moe[-1].layer_idx if layers is not None and len(moe) == 1 else None
     # Inputs go where the embeddings are (accelerate moves activations between the devices of a
@@ -308,7 +319,7 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     state = {"valid": None, "all_valid": True, "group": None}
     was_training = model.training
     model.eval()
-    with _observing(model, recorders, layer_cos, stop_after, state):
+    with _observing(model, recorders, layer_cos, stop_after, state, cosines):
         for i in tqdm(range(0, len(ids), batch_size), desc="observing", disable=not progress, mininterval=2):
             x, m = ids[i:i + batch_size], mask[i:i + batch_size]
             _batch_state(state, m, groups, group_names, i, batch_size, device)

@@ -123,6 +123,8 @@ def layers_to_remove(obs, num_layers: int, how: str = "last", total: int | None 
         Sorted layer indices.
     """
     cos = dict(obs.layer_cos)
+    if how == "similar" and not cos:
+        raise ValueError("removing the most input-like layers needs layer cosines: observe with cosines=True (the default)")
     n = total if total is not None else len(cos)
     if not 1 <= num_layers < n:
         raise ValueError(f"num_layers must be in [1, {n - 1}] for a {n}-layer model, got {num_layers}")

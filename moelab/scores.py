@@ -226,6 +226,9 @@ def output_cosine(stats: LayerStats, gated: bool = False) -> Tensor:
         [E, E] in [-1, 1].
     """
     name = "gated_out_sum" if gated else "out_sum"
+    if getattr(stats, name) is None:
+        raise ValueError(f"layer {stats.layer}: this observation holds no expert output sums ({name}); "
+                         "observe with outputs=True (the default)")
     _need(stats, name, "counts")
     mean = _safe_div(getattr(stats, name).double(), stats.counts[:, None])
     return _row_cosine(mean)

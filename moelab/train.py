@@ -193,7 +193,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
             eval_rows: torch.Tensor | None = None, eval_every: int = 0, progress: bool = False,
             trainable: str = "all", lora_rank: int = 16, lora_alpha: float | None = None,
-            gradient_checkpointing: bool = False, protect=()) -> list[dict]:
+            gradient_checkpointing: bool = False, protect=(), lora_experts: bool = True) -> list[dict]:
     """Train ``student`` in place on lm_weight * LM + kd_weight * KD (module docstring).
 
     Args:
@@ -219,6 +219,9 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             architecture and size); ``"router_norms"``: the routers and the normalisation weights only.
             The last two fit a 30B student beside its teacher on one GPU.
         lora_rank, lora_alpha: LoRA rank and scale (alpha defaults to 2 * rank).
+        lora_experts: also adapt the fused expert tensors (peft's ``target_parameters``); False adapts
+            the Linear layers only (attention, shared experts), which costs less memory
+            (benchmarks/results/memory.json).
         gradient_checkpointing: recompute each decoder layer's activations in the backward pass
             (transformers' gradient checkpointing) instead of keeping them.
         protect: other models whose tensors recovery must not write (the teacher always is): a student
@@ -259,6 +262,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         from peft import LoraConfig, get_peft_model
 
         linear, fused = _lora_targets(student)
+        fused = fused if lora_experts else []
         targeted = {id(p) for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)
                     and n.rsplit(".", 1)[-1] in linear for p in m.parameters(recurse=False)}
         targeted |= {id(p) for n, p in student.named_parameters() if any(n.endswith(f) for f in fused)}

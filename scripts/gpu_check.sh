@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a CUDA machine without network (see scripts/gpu_check.py). Prepare gpu_check/ first
 # on a machine with the registries (`python scripts/gpu_check.py prepare`), carry it along, then run this
-# from the repository root. Writes benchmarks/results/gpu_check.json (commit it) and exits non-zero if
-# any notebook failed.
+# from the repository root. Writes benchmarks/results/gpu_check.json and benchmarks/results/scale_check.json
+# (commit both) and exits non-zero if any notebook or scale step failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +18,8 @@ export MOELAB_DATA_SNAPSHOT="$PWD/gpu_check/data.json.xz"
 export MOELAB_CACHE="${MOELAB_CACHE:-/tmp/moelab-cache}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-exec $PY scripts/gpu_check.py run "$@"
+status=0
+$PY scripts/gpu_check.py run "$@" || status=$?
+# observation and one variant of each method on a random-init Qwen3-30B-A3B of full shape (bf16)
+$PY scripts/scale_check.py || status=$?
+exit $status

@@ -43,3 +43,21 @@ def test_gpu_check_runs_a_notebook_inline_on_the_snapshot(snapshot, tmp_path):
     run = rec["runs"][0]
     assert run["ok"] and run["dtype"] == "bfloat16" and run["headline"]
     assert (tmp_path / "work" / "00_anatomy_of_an_moe" / "metrics.json").exists()
+
+
+def test_scale_check_runs_every_method_on_a_small_model(tmp_path):
+    """The full-shape GPU scale check, on a tiny model of the same family on the CPU: every step runs."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(runner.ROOT / "scripts" / "scale_check.py"), "--shape", "tiny", "--layers", "2",
+                           "--device", "cpu", "--rows", "8", "--seq-len", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads(out.read_text())
+    names = [s["step"] for s in rec["steps"]]
+    assert "observe" in names and "REAM (sequential, replay)" in names and len(names) == 11
+    assert all(s["ok"] for s in rec["steps"])
+    assert all(-0.01 <= s["variant_own_x_model"] < 1.5 for s in rec["steps"] if "variant_own_x_model" in s)

@@ -178,3 +178,41 @@ def test_layer_wise_replay_gives_the_statistics_of_a_pass_per_layer(family):
         assert all(torch.equal(a["counts_by_group"][k], b["counts_by_group"][k]) for k in a["counts_by_group"])
     sd0, sd1 = m0.state_dict(), m1.state_dict()
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+
+
+def test_statistics_can_be_switched_off_and_the_methods_that_need_them_say_so(smoke, calib, obs):
+    from moelab import compress, prune, scores
+
+    model, _ = smoke
+    lean = observe.observe(model, calib, progress=False, outputs=False, cosines=False)
+    assert lean.layer_cos == {}
+    for j, st in lean.layers.items():
+        assert st.out_sum is None and st.gated_out_sum is None
+        for name in ("counts", "soft_mass", "reap_sum", "ean_sum", "dern_sum", "logit_gram", "input_sample"):
+            assert torch.allclose(getattr(st, name), getattr(obs[j], name), rtol=1e-6), name
+    with pytest.raises(ValueError, match="outputs=True"):
+        compress.hc_smoe_model(model, lean, 4)
+    with pytest.raises(ValueError, match="outputs=True"):
+        scores.output_cosine(lean[1])
+    with pytest.raises(ValueError, match="cosines=True"):
+        prune.layers_to_remove(lean, 1, "similar")
+    one = observe.observe(model, calib, layers=[1], progress=False, cosines=False)  # still stops after layer 1
+    assert list(one.layers) == [1] and torch.allclose(one[1].counts, obs[1].counts)
+
+
+def test_only_observation_uses_moelabs_kernel(smoke, calib):
+    """zoo.load keeps transformers' experts kernel; observe switches to moelab's and switches back."""
+    from moelab import kernels
+
+    model, _ = smoke
+    before = model.config._experts_implementation
+    assert before != kernels.KERNEL_NAME
+    seen = []
+    layer = models.moe_layers(model)[0]
+    hook = layer.block.register_forward_pre_hook(lambda *a: seen.append(model.config._experts_implementation))
+    try:
+        observe.observe(model, calib, progress=False, layers=[layer.layer_idx])
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {kernels.KERNEL_NAME}
+    assert model.config._experts_implementation == before
