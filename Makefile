@@ -15,7 +15,7 @@ PARAMS ?=
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moelab-installed
 
-.PHONY: reproduce test env notebooks benchmark clean-runs help
+.PHONY: reproduce test test-oldest env notebooks benchmark clean-runs help
 
 help:
 	@echo "make reproduce   # set up $(VENV), build the embedded model, run all notebooks ($(PRESET) preset)"
@@ -44,6 +44,23 @@ TEST_CACHE ?= $(CURDIR)/.cache/moelab
 test: $(STAMP)
 	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q tests
 	MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider runs/smoke/notebooks
+	$(MAKE) --no-print-directory test-oldest
+
+# The oldest transformers pyproject.toml allows (the venv has the newest): the tests of the adapters,
+# observation, editing, saving and evaluation run again with it placed ahead of the venv's own.
+OLDEST_TRANSFORMERS := "transformers==5.17.0" "huggingface-hub>=1.5,<2"
+OLDEST_DIR := $(VENV)/oldest-transformers
+OLDEST_TESTS := tests/test_models.py tests/test_real_checkpoints.py tests/test_io.py tests/test_observe.py \
+	tests/test_evaluate.py tests/test_compress.py tests/test_merge.py tests/test_mcsmoe.py
+
+$(OLDEST_DIR)/.installed: Makefile
+	rm -rf $(OLDEST_DIR)
+	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_DIR) $(OLDEST_TRANSFORMERS)
+	@touch $@
+
+test-oldest: $(STAMP) $(OLDEST_DIR)/.installed
+	PYTHONPATH=$(OLDEST_DIR) MOELAB_CACHE=$(TEST_CACHE) $(PY) -c "import transformers as t; print('transformers', t.__version__)"
+	PYTHONPATH=$(OLDEST_DIR) MOELAB_CACHE=$(TEST_CACHE) $(PY) -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/observe.py

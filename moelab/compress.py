@@ -48,15 +48,18 @@ __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_pre
            "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time"]
 
 
-def _layers(obs) -> Mapping:
+def _layers(obs, model=None) -> Mapping:
+    """The per-layer statistics of an ``Observation`` (checked to be ``model``'s) or of a plain dict."""
+    if hasattr(obs, "check_model") and model is not None:
+        obs.check_model(model)
     return obs.layers if hasattr(obs, "layers") else obs
 
 
 def _edit_copy(model, obs, num_experts: int):
     """Validate the target, copy the model, and pair each MoE layer of the copy with its statistics."""
     models.check_target(model, num_experts)
+    stats = _layers(obs, model)
     out = models.variant(model)
-    stats = _layers(obs)
     return out, [(layer, stats[layer.layer_idx]) for layer in models.moe_layers(out)]
 
 
@@ -78,7 +81,8 @@ def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool 
         model: the model (left untouched).
         obs: the ``Observation`` of a calibration pass on ``model`` (needs ``dern_sum``).
         num_experts: experts kept per layer.
-        alpha: segment similarity threshold (paper: best near 0.6; above 1 nothing moves = plain DERN-importance pruning).
+        alpha: segment similarity threshold in [0, 1] (paper: best near 0.6; at 1 nothing moves = plain
+            DERN-importance pruning).
         use_gate: include the gate row in the segment similarity (paper: leaving it out is slightly better).
         init: k-means initialisation, ``"max_gate"`` (paper) or ``"random"``.
         weighted: weight segments by their source expert's importance (False: the "no weighting" ablation).
@@ -89,6 +93,10 @@ def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool 
         (new model, info) with info ``{layer: {"kept", "dropped": [int], "flow": LongTensor [dropped, kept]
         of moved segment counts, "moved": int, "segments": int (dropped x I), "moved_share": float}}``.
     """
+    from .checks import share, whole
+
+    share(alpha, "alpha (DERN's segment similarity threshold, a cosine)", 0, 1)
+    whole(iters, "iters", minimum=1)
     out, layers = _edit_copy(model, obs, num_experts)
     info = {}
     for layer, st in layers:
@@ -141,7 +149,7 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
         (new model, info) with info ``{layer: {"groups": [[dominant, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs)
+    stats = _layers(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -240,7 +248,7 @@ def partial_preservation_model(model, obs, num_experts: int, preserve_ratio: flo
         (new model, info) with info ``{layer: {"groups": [[base, merged...], ...], "preserved": [int]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs)
+    stats = _layers(obs, model)
     groups, coeffs, info = {}, {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -270,15 +278,22 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
         remove_layers: decoder layers removed (0: none).
         depth_how: ``"last"`` or ``"similar"``.
         width_ratio: share of hidden channels kept (1: all).
-        num_experts: experts per layer afterwards (None: all).
+        num_experts: experts per layer afterwards (None: all; a count must be below the current one).
         criterion, preserve_ratio, similarity: the expert step (``partial_preservation_model``).
 
     Returns:
         (new model, info) with ``removed_layers``, ``channels`` (kept hidden channels or None) and the
         parameter counts before and after.
     """
+    from .checks import share, whole
+
+    whole(remove_layers, "remove_layers", minimum=0)
+    share(width_ratio, "width_ratio (share of hidden channels kept; 1 keeps all)", 0, 1, low_open=True)
+    share(preserve_ratio, "preserve_ratio", 0, 1)
+    if num_experts is not None:
+        models.check_target(model, num_experts)  # None keeps every expert; a count must reduce them
     out, info = model, {"removed_layers": [], "channels": None}
-    if num_experts is not None and num_experts < models.moe_layers(model)[0].num_experts:
+    if num_experts is not None:
         out, info["experts"] = partial_preservation_model(model, obs, num_experts, preserve_ratio, criterion, similarity)
     if width_ratio < 1:
         out, info["channels"] = prune.slice_width(out, obs, width_ratio)
@@ -413,7 +428,7 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
         "relative_error": float}}`` (relative to sum ||F(x)||^2).
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs)
+    stats = _layers(obs, model)
     keep, info = {}, {}
     for layer in models.moe_layers(model):
         X = stats[layer.layer_idx].input_sample
@@ -501,7 +516,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
     observing = dict(sample_size=sample_size, seed=seed, batch_size=batch_size, progress=progress)
     info = {}
     if not sequential:
-        stats = _layers(obs if obs is not None else observe.observe(model, calib, **observing))
+        stats = _layers(obs if obs is not None else observe.observe(model, calib, **observing), model)
         groups, coeffs = {}, {}
         for layer in models.moe_layers(model):
             g, sal, dist = ream_groups(stats[layer.layer_idx], num_experts, **grouping)
@@ -544,7 +559,7 @@ def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", ali
         (new model, info) with info ``{layer: {"groups": [[representative, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs)
+    stats = _layers(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -621,8 +636,13 @@ def msmoe_groups(model, obs, total: int, *, adaptive: bool = True, criterion: st
         (groups ``{layer: [[dominant, members...], ...]}`` with dominants ascending, coeffs ``{layer: [E]}``).
         Raises ValueError when a layer's count does not suit its routing (``models.check_layer_counts``).
     """
+    from .checks import whole
+
     layers = models.moe_layers(model)
-    stats = _layers(obs)
+    whole(total, "total", minimum=1)
+    if min_per_layer is not None:
+        whole(min_per_layer, "min_per_layer", minimum=1)
+    stats = _layers(obs, model)
     imp = {l.layer_idx: scores.importance(stats[l.layer_idx], criterion) for l in layers}
     if adaptive:
         forced = max(l.top_k for l in layers) if min_per_layer is None else min_per_layer
@@ -640,9 +660,22 @@ def msmoe_groups(model, obs, total: int, *, adaptive: bool = True, criterion: st
 
 
 def msmoe_total(model, reduction: float) -> int:
-    """Experts kept over all MoE layers after removing the share ``reduction`` of them (rounded)."""
-    n = sum(l.num_experts for l in models.moe_layers(model))
-    return int(round(n * (1 - reduction)))
+    """Experts kept over all MoE layers after removing the share ``reduction`` of them (rounded).
+
+    Raises:
+        ValueError: ``reduction`` outside (0, 1), or one that keeps fewer than top-k experts per layer.
+    """
+    from .checks import share
+
+    share(reduction, "reduction", 0, 1, low_open=True, high_open=True)
+    layers = models.moe_layers(model)
+    n = sum(l.num_experts for l in layers)
+    total = int(round(n * (1 - reduction)))
+    least = sum(l.top_k for l in layers)
+    if total < least:
+        raise ValueError(f"reduction={reduction} keeps {total} experts over {len(layers)} MoE layers, fewer than "
+                         f"top_k per layer ({least} in all); use a reduction of at most {1 - least / n:.3f}")
+    return total
 
 
 @torch.no_grad()
@@ -660,7 +693,7 @@ def msmoe_model(model, obs, total: int, *, adaptive: bool = True, criterion: str
     """
     groups, coeffs = msmoe_groups(model, obs, total, adaptive=adaptive, criterion=criterion,
                                   similarity=similarity, min_per_layer=min_per_layer)
-    stats = _layers(obs)
+    stats = _layers(obs, model)
     out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
     return out, {l: {"groups": g, "num_experts": len(g)} for l, g in groups.items()}
 
@@ -824,8 +857,19 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
         (``train.recover``) and times as the factored form; ``densify`` turns it back into a dense model
         that moelab's editing functions and checkpoints accept.
     """
+    from .checks import share, whole
+
     if (rank is None) == (rank_fraction is None):
         raise ValueError("give exactly one of rank and rank_fraction")
+    share(sparsity, "sparsity", 0, 1)
+    if rank_fraction is not None:
+        share(rank_fraction, "rank_fraction", 0, 1, low_open=True)
+    else:
+        whole(rank, "rank", minimum=1)
+        full = min(min(l.intermediate_size, l.hidden_size) for l in models.moe_layers(model))
+        if rank > full:
+            raise ValueError(f"rank={rank} is above the rank {full} an expert matrix can have (min of its width "
+                             f"{models.moe_layers(model)[0].intermediate_size} and hidden size); give rank <= {full}")
     out = models.variant(model)
     info = {}
     for layer in models.moe_layers(out):

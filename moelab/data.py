@@ -22,7 +22,9 @@ import math
 import numbers
 import os
 import re
+import shutil
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -270,6 +272,30 @@ def export_snapshot(path) -> Path:
     return path
 
 
+def corpus_identity() -> str:
+    """What decides the text every split yields, beyond moelab's code: the snapshot file's hash when
+    ``MOELAB_DATA_SNAPSHOT`` names one, else the Python version (its standard library is the code domain)
+    and the versions of the packages whose data and generators give the general and math text."""
+    path = os.environ.get(SNAPSHOT_ENV)
+    if path:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return f"snapshot:{h.hexdigest()[:16]}"
+    from importlib import metadata
+
+    import platform
+
+    parts = [f"python={platform.python_version()}"]
+    for name in ("gensim", "reasoning-gym"):
+        try:
+            parts.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name}=missing")
+    return ",".join(parts)
+
+
 @lru_cache(maxsize=4)
 def _read_snapshot(path: str) -> dict:
     import lzma
@@ -350,7 +376,7 @@ def pack_tokens(token_lists: Iterable[list[int]], seq_len: int, eos_id: int | No
 
 def _tokenizer_key(tokenizer) -> str:
     vocab = tokenizer.get_vocab()
-    blob = json.dumps(sorted(vocab.items())[:5000]) + str(len(vocab)) + type(tokenizer).__name__
+    blob = json.dumps(sorted(vocab.items())) + type(tokenizer).__name__
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -371,11 +397,14 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
         split: "calib" by default; "eval" gives held-out rows for perplexity.
         seed: order in which documents are drawn.
 
+    The set records the identity of the tokenizer (``tokenizer_key_of``): ``observe`` refuses it for a
+    model loaded with another tokenizer. A damaged cache entry is rebuilt (with a warning naming it).
+
     Raises:
-        ValueError: if the budget gives no rows, or a domain lacks text for its share.
+        ValueError: if the budget gives no rows, gives a domain of the mix no row, or a domain lacks
+            text for its share.
     """
     import datasets
-    import numpy as np
 
     shares = parse_mix(mix)
     if not isinstance(seq_len, numbers.Integral) or isinstance(seq_len, bool) or seq_len < 2:
@@ -384,16 +413,71 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
         raise ValueError(f"tokens must be a whole number, got {tokens!r}")
     if tokens < seq_len:
         raise ValueError(f"token budget {tokens} is below one row of seq_len={seq_len}; raise `tokens`")
+    counts = _rows_per_domain(shares, tokens, seq_len)
+    tok_key = _tokenizer_key(tokenizer)
     # The key holds the exact shares (repr of each float), not the rounded label: 0.104:0.896 is not 0.1:0.9.
     key = hashlib.sha256(json.dumps([[repr(shares[d]) for d in DOMAINS], tokens, seq_len, split, seed,
-                                     _tokenizer_key(tokenizer)]).encode()).hexdigest()[:16]
+                                     tok_key]).encode()).hexdigest()[:16]
+    if not cache:
+        return _build_calibration(tokenizer, counts, seq_len, split, seed, tok_key)
+    from filelock import FileLock
+
     path = cache_dir() / "calib" / key
-    if cache and path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per set: a second process waits, then reads what the first wrote.
+    with FileLock(str(path) + ".lock"):
+        for stale in path.parent.glob(f"{key}.tmp*"):  # left by a killed writer (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if path.exists():
+            try:
+                ds = datasets.load_from_disk(str(path))
+                if tokenizer_key_of(ds) == tok_key and len(ds) == sum(counts.values()):
+                    return ds
+                why = "it holds another set"
+            except Exception as exc:  # a damaged entry (killed write, full disk, edited by hand)
+                why = f"it does not load ({type(exc).__name__}: {str(exc)[:120]})"
+            warnings.warn(f"the cached calibration set {path} is unusable ({why}); rebuilding it")
+            shutil.rmtree(path, ignore_errors=True)
+        ds = _build_calibration(tokenizer, counts, seq_len, split, seed, tok_key)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        ds.save_to_disk(str(tmp))
+        os.replace(tmp, path)
         return datasets.load_from_disk(str(path))
-    n_rows = max(1, tokens // seq_len)
-    counts = {d: int(round(shares[d] * n_rows)) for d in DOMAINS}
-    # Rounding can lose or add a row; give the difference to the largest share.
-    counts[max(shares, key=shares.get)] += n_rows - sum(counts.values())
+
+
+def _rows_per_domain(shares: dict[str, float], tokens: int, seq_len: int) -> dict[str, int]:
+    """Rows per domain: ``round(share * rows)``, the rounding difference given to the largest share.
+
+    Raises:
+        ValueError: a domain with a positive share would get no row (the budget is too small for the
+            mix), naming the smallest budget that gives it one.
+    """
+    def rows_for(n: int) -> dict[str, int]:
+        c = {d: int(round(shares[d] * n)) for d in DOMAINS}
+        c[max(shares, key=shares.get)] += n - sum(c.values())
+        return c
+
+    def starved(c: dict[str, int]) -> list[str]:
+        return [d for d in DOMAINS if shares[d] > 0 and c[d] <= 0]
+
+    n_rows = tokens // seq_len
+    counts = rows_for(n_rows)
+    if starved(counts):
+        smallest = min(shares[d] for d in starved(counts))
+        need = max(n_rows + 1, math.floor(0.5 / smallest))  # below this, round() gives the domain 0 rows
+        while starved(rows_for(need)):
+            need += 1
+        raise ValueError(
+            f"a budget of {tokens} tokens ({n_rows} row(s) of {seq_len}) gives {starved(counts)} no row although the "
+            f"mix {mix_label(shares)} gives them a share; raise `tokens` to at least {need * seq_len}, or give "
+            f"{starved(counts)} a share of 0")
+    return counts
+
+
+def _build_calibration(tokenizer, counts: dict[str, int], seq_len: int, split: str, seed: int, tok_key: str):
+    import datasets
+    import numpy as np
+
     rows = {"input_ids": [], "attention_mask": [], "domain": []}
     for d in DOMAINS:
         if counts[d] <= 0:
@@ -416,10 +500,21 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
             rows["input_ids"].append(r)
             rows["attention_mask"].append([1] * seq_len)
             rows["domain"].append(d)
-    ds = datasets.Dataset.from_dict(rows)
-    if cache:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        ds.save_to_disk(str(tmp))
-        os.replace(tmp, path) if not path.exists() else None
-        return datasets.load_from_disk(str(path))
-    return ds
+    info = datasets.DatasetInfo(description=json.dumps({TOKENIZER_INFO: tok_key, "vocab_size": len(tokenizer.get_vocab())}))
+    return datasets.Dataset.from_dict(rows, info=info)
+
+
+TOKENIZER_INFO = "moelab_tokenizer"
+
+
+def tokenizer_key_of(dataset) -> str | None:
+    """The identity of the tokenizer a ``calibration_set`` was made with (None for other datasets)."""
+    try:
+        return json.loads(dataset.info.description or "{}").get(TOKENIZER_INFO)
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def tokenizer_key(tokenizer) -> str:
+    """A short identity of a tokenizer (its vocabulary and class); ``zoo.load`` records it on the model."""
+    return _tokenizer_key(tokenizer)

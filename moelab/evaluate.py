@@ -226,6 +226,24 @@ def _ll_plain(model, work, batch_size, pad, progress) -> dict:
     return out
 
 
+def _cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.24 (``past_key_values``
+    is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    keys = output.keys() if hasattr(output, "keys") else ()
+    for name in ("cache", "past_key_values"):
+        if name in keys:
+            return output[name]
+    return None
+
+
 def _ll_shared(model, groups, batch_size, max_length, pad, progress) -> dict | None:
     """Each context once (right padded, cached), then all its continuations on a copy of its cache.
 
@@ -244,7 +262,7 @@ def _ll_shared(model, groups, batch_size, max_length, pad, progress) -> dict | N
         ids, mask = _pad_rows([ctx for ctx, _ in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         res = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache = getattr(res, "past_key_values", None)
+        cache = _returned_cache(res)
         if cache is None or not hasattr(cache, "reorder_cache"):
             return None
         lens = mask.sum(1)
@@ -263,7 +281,7 @@ def _ll_shared(model, groups, batch_size, max_length, pad, progress) -> dict | N
             x_ids, x_mask = x_ids.to(device), x_mask.to(device)
             pos = lens[idx][:, None] + torch.arange(x_ids.shape[1], device=device)[None]
             logits = model(input_ids=x_ids, attention_mask=torch.cat([mask[idx], x_mask], 1), position_ids=pos,
-                           past_key_values=kv, use_cache=True).logits
+                           use_cache=True, **{_cache_argument(model): kv}).logits
             sel, owner, tgt = [], [], []
             for r, (g, _, cont) in enumerate(chunk):
                 sel.append(first[g:g + 1])
@@ -464,6 +482,10 @@ class PerplexityTask(Task):
 
     @torch.inference_mode()
     def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and self.seq_len > positions:
+            raise ValueError(f"{self.name}: rows of seq_len={self.seq_len} are longer than the model's "
+                             f"max_position_embeddings={positions}; use seq_len <= {positions}")
         rows = self.rows(tokenizer)
         device, row_nll = _device(model), []
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["check_finite", "checkpoint_bytes", "source_bytes", "save_checkpoint", "save_and_check", "model_dtype",
-           "record", "load_record", "write_json_atomic", "git_revision", "package_versions"]
+           "record", "load_record", "write_json_atomic", "git_revision", "package_versions", "recover_interrupted"]
 
 
 def _source_dirs(model, source) -> list[Path]:
@@ -88,7 +88,7 @@ def _cast_state_dict(model, dtype: torch.dtype) -> dict:
     return out
 
 
-def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, source=None,
+def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool | str = False, source=None,
                     dtype="source") -> Path:
     """Save ``model`` (and ``tokenizer``) to ``out_dir`` atomically and return the resolved path.
 
@@ -96,8 +96,11 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
     so a bf16 checkpoint pruned in float32 is a bf16 checkpoint again (and really smaller).
 
     The checkpoint is written to a temporary sibling directory and renamed into place, so an
-    interrupted save leaves no half-written checkpoint at ``out_dir``. Refuses when ``out_dir``
-    exists (unless ``overwrite=True``), always when ``out_dir`` is (or contains) the directory the
+    interrupted save leaves no half-written checkpoint at ``out_dir``; an overwrite swaps the new
+    checkpoint in atomically, so ``out_dir`` is the old or the new one at every instant (``_put_in_place``),
+    and what a killed save left beside it is tidied by the next save (``recover_interrupted``). Refuses
+    when ``out_dir`` exists (unless ``overwrite=True``, which replaces a checkpoint folder only; a folder
+    holding anything else needs ``overwrite="folder"``), always when ``out_dir`` is (or contains) the directory the
     model was loaded from (``source``, or ``config._name_or_path`` / ``name_or_path`` when that is a
     local directory), when any weight is NaN/Inf, and when a MoE model's cached counts disagree with
     its config (see ``moelab.models.check_consistency``).
@@ -115,12 +118,20 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
                 f"refusing to save into {out}: it is (or contains) the source model's directory {src}; "
                 "choose another output directory"
             )
+    recover_interrupted(out)
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"{out} already exists; pass overwrite=True to replace it, or choose another directory"
         )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another output directory")
+    if overwrite not in (False, True, "folder"):
+        raise ValueError(f"overwrite must be False, True or 'folder', got {overwrite!r}")
+    factored = [n for n, m in model.named_modules() if type(m).__name__ == "LowRankSparseExperts"]
+    if factored:
+        raise ValueError(f"refusing to save: {len(factored)} experts module(s) ({factored[0]}, ...) are in MC-SMoE's "
+                         "factored form U V + S, which transformers cannot load; save "
+                         "moelab.compress.densify(model) instead (the same function, dense weights)")
     check_finite(model)
     nonuniform = False
     try:
@@ -140,8 +151,12 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
 
     target = save_dtype(model, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = None
+    if out.exists() and overwrite != "folder" and not _is_checkpoint_folder(out):
+        raise FileExistsError(
+            f"{out} exists and is not a checkpoint folder (no config.json, or files a checkpoint does not hold: "
+            f"{_foreign_files(out)[:5]}); overwrite=True replaces checkpoints only. Choose another directory, or "
+            "pass overwrite='folder' to delete the folder and everything in it")
+    tmp = _temp_path(out, "tmp")
     try:
         if nonuniform:
             _save_nonuniform(model, tmp, target)
@@ -152,18 +167,135 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool = False, 
             _set_config_dtype(tmp, target)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        _put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous checkpoint back
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing a directory so that it is the old or the new one at every instant
+# ---------------------------------------------------------------------------------------------
+# Temporaries live beside the target as ".NAME.KIND-PID-RANDOM": KIND "tmp" (being written) or "old"
+# (a replaced checkpoint, kept only where the atomic exchange is missing). A temporary whose process is
+# gone is stale: the next save to (or ``recover_interrupted`` of) the target removes it, and puts an
+# "old" one back when the target itself is missing (a save killed between its two renames).
+_CHECKPOINT_FILES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".md", ".bin")
+
+
+def _temp_path(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _stale_temporaries(out: Path) -> list[tuple[str, Path]]:
+    """(kind, path) of the temporaries beside ``out`` whose writing process is no longer running."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    found = []
+    if not out.parent.is_dir():
+        return found
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and not _pid_alive(int(m.group(2))):
+            found.append((m.group(1), p))
+    return found
+
+
+def recover_interrupted(out) -> list[str]:
+    """Finish what a killed save to ``out`` left: put a replaced checkpoint back where the target is
+    missing, and delete stale temporaries (of processes no longer running). Returns what was done.
+
+    ``save_checkpoint`` calls it before every save; call it yourself to tidy a folder after a crash.
+    """
+    out = Path(out).expanduser().resolve()
+    done = []
+    stale = _stale_temporaries(out)
+    if not out.exists():
+        old = sorted((p for kind, p in stale if kind == "old"), key=lambda p: p.stat().st_mtime)
+        if old:
+            os.replace(old[-1], out)
+            done.append(f"restored {out} from {old[-1].name}")
+            stale = [(k, p) for k, p in stale if p != old[-1]]
+    for _kind, p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        done.append(f"removed {p.name}")
+    return done
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """A folder ``save_checkpoint`` may replace: empty, or a checkpoint (config.json, and only files of
+    the kinds a model/tokenizer folder holds)."""
+    entries = list(path.iterdir())
+    if not entries:
+        return True
+    return (path / "config.json").is_file() and not _foreign_files(path)
+
+
+def _foreign_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() or not p.name.endswith(_CHECKPOINT_FILES))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system lacks it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    import errno
+
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL)):
+        return False  # the filesystem cannot exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _put_in_place(tmp: Path, out: Path) -> None:
+    """Make the finished ``tmp`` the directory at ``out``.
+
+    A new target is one rename. An existing one is exchanged with ``tmp`` in one atomic step where the
+    system allows it, so ``out`` is the old or the new checkpoint at every instant; the old one, now
+    at ``tmp``, is deleted. Elsewhere the old one is first renamed aside as ".NAME.old-PID-*": a kill
+    between the two renames leaves no target, and the next save (``recover_interrupted``) puts the old
+    checkpoint back.
+    """
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = _temp_path(out, "old")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
@@ -385,6 +517,10 @@ def write_json_atomic(path, payload) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(_jsonable(payload), indent=1))
     os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # a killed writer's
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     return path
 
 

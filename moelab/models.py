@@ -897,7 +897,11 @@ def valid_expert_counts(model: nn.Module, upto: int | None = None) -> list[int]:
 
 
 def check_target(model: nn.Module, num_experts: int) -> None:
-    """Raise a clear ValueError when ``num_experts`` is not a valid reduced expert count."""
+    """Raise a clear ValueError when ``num_experts`` is not a valid reduced expert count (TypeError when
+    it is not a whole number)."""
+    from .checks import whole
+
+    whole(num_experts, "num_experts")
     layers = moe_layers(model)
     counts = sorted({l.num_experts for l in layers})
     cur = counts[-1]
@@ -927,9 +931,12 @@ def check_target(model: nn.Module, num_experts: int) -> None:
 def check_layer_counts(model: nn.Module, counts: Mapping[int, int]) -> None:
     """Raise a clear ValueError unless ``counts`` (``{layer_idx: n}``, every MoE layer) are per-layer
     expert counts each layer's routing accepts, none above the layer's current count."""
+    from .checks import whole
+
     layers = _layer_map(model)
     _check_keys("check_layer_counts", counts, layers)
     for i, n in sorted(counts.items()):
+        whole(n, f"the expert count of layer {i}")
         l = layers[i]
         if n > l.num_experts:
             raise ValueError(f"layer {i}: {n} experts is more than its current {l.num_experts}")
@@ -1695,6 +1702,7 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
     """
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(path_or_id)
     if _is_nonuniform_checkpoint(path_or_id):
         if max_memory is not None or offload_folder is not None or kwargs:
             raise ValueError(
@@ -1703,6 +1711,7 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
                 f"offload_folder={offload_folder!r}, {sorted(kwargs)})")
         model = _load_nonuniform(path_or_id, device_map, dtype)
         model.moelab_source_dtype = checkpoint_dtype(path_or_id)
+        check_routing(model, path_or_id)
         return model
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -1716,7 +1725,40 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     # The dtype the checkpoint is stored in: moelab.io saves a compressed model in it again.
     model.moelab_source_dtype = source_dtype
+    check_routing(model, path_or_id)
     return model.eval()
+
+
+def check_weight_files(path_or_id) -> None:
+    """Raise ValueError naming the file when a local checkpoint's safetensors file is damaged
+    (truncated by a full disk or an interrupted copy), before any weight is read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    p = Path(str(path_or_id)).expanduser()
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:
+            raise ValueError(f"the weights file {f} is damaged ({type(exc).__name__}: {exc}); the checkpoint is "
+                             "incomplete: save, copy or download it again") from None
+
+
+def check_routing(model: nn.Module, where="the model") -> None:
+    """Raise ValueError when a MoE config routes each token to more experts than a layer has."""
+    try:
+        layers = moe_layers(model)
+    except (UnsupportedModelError, ValueError):
+        return  # not a MoE model moelab reads: transformers decides
+    for layer in layers:
+        if layer.top_k > layer.num_experts:
+            field = layer.spec.top_k_field or "top_k"
+            raise ValueError(f"{where}: layer {layer.layer_idx} routes each token to top_k={layer.top_k} experts but "
+                             f"has {layer.num_experts}; fix config.json ({field} <= the expert count)")
 
 
 def _is_nonuniform_checkpoint(path_or_id) -> bool:

@@ -104,9 +104,30 @@ class Observation:
     layer_cos: dict
     tokens: int
     groups: list
+    model_key: dict | None = None  # {layer: what identifies the observed layer}, see ``model_key``
+    calibration: dict | None = None  # what identifies the calibration set, see ``calibration_identity``
 
     def __getitem__(self, layer: int) -> LayerStats:
         return self.layers[layer]
+
+    def check_model(self, model) -> None:
+        """Raise ValueError unless ``model``'s MoE layers are the ones observed: same expert counts,
+        widths and router weights (an observation of another model, or of this one before it was
+        pruned, merged or trained, would pair experts with statistics that are not theirs)."""
+        if self.model_key is None:
+            return
+        now = model_key(model, self.model_key)
+        for idx, then in self.model_key.items():
+            if idx not in now:
+                raise ValueError(f"this observation covers MoE layer {idx}, which the model does not have: it was made on "
+                                 "another model; observe this one (moelab.observe.observe(model, calibration_set))")
+            for field_name, before in then.items():
+                after = now[idx][field_name]
+                if before is not None and after is not None and before != after:
+                    raise ValueError(
+                        f"this observation was made on another model, or on this one before it was edited or trained: "
+                        f"layer {idx}'s {field_name} was {before}, is {after}; observe the model as it is now "
+                        "(moelab.observe.observe(model, calibration_set))")
 
     def check_finite(self) -> None:
         """Raise if any statistic holds NaN or Inf (a broken model or calibration set)."""
@@ -117,6 +138,25 @@ class Observation:
                         f"observation of layer {idx}: statistic {name!r} holds NaN or Inf; check the model's "
                         "weights (moelab.io.check_finite) and that the calibration rows are valid token ids"
                     )
+
+
+def model_key(model, layers=None) -> dict:
+    """What identifies each MoE layer of ``model`` for ``Observation.check_model``: expert count, top-k,
+    hidden size, expert width and a float32 checksum of the router weight (None where it cannot be read)."""
+    wanted = None if layers is None else set(layers)
+    out = {}
+    for layer in models.moe_layers(model):
+        if wanted is not None and layer.layer_idx not in wanted:
+            continue
+        try:
+            w = layer._router_weight()
+            checksum = None if w.device.type == "meta" else round(float(w.detach().float().abs().sum()), 3)
+            width = layer.intermediate_size
+        except Exception:  # offloaded or unusual layouts: the sizes still identify the layer
+            checksum, width = None, None
+        out[layer.layer_idx] = {"experts": layer.num_experts, "top_k": layer.top_k, "hidden": layer.hidden_size,
+                                "expert_width": width, "router_checksum": checksum}
+    return out
 
 
 class _Recorder:
@@ -298,7 +338,7 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     """
     from tqdm.auto import tqdm
 
-    ids, mask, groups, n_valid = _checked_rows(dataset, min_tokens)
+    ids, mask, groups, n_valid = _checked_rows(dataset, min_tokens, model)
     moe = models.moe_layers(model)
     if layers is not None:
         wanted = set(layers)
@@ -330,17 +370,38 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     model.train(was_training)
     out = Observation(layers={k: r.finish() for k, r in recorders.items()},
                       layer_cos={k: s / max(1, n) for k, (s, n) in sorted(layer_cos.items())},
-                      tokens=n_valid, groups=group_names)
+                      tokens=n_valid, groups=group_names, model_key=model_key(model, recorders),
+                      calibration=calibration_identity(dataset))
     out.check_finite()
     return out
 
 
-def _checked_rows(dataset, min_tokens: int):
+def _checked_rows(dataset, min_tokens: int, model=None):
+    """The rows of a calibration set, checked against ``model``: ids within its vocabulary, rows no longer
+    than its positions, and (for a ``data.calibration_set``) made with the tokenizer it was loaded with."""
+    from . import data
+
     ids, mask, groups = _rows(dataset)
     n_valid = int(mask.sum()) if ids.numel() else 0
     if n_valid < min_tokens:
         raise ValueError(f"calibration set has {n_valid} valid tokens, fewer than min_tokens={min_tokens}; "
                          "build a larger one with moelab.data.calibration_set(tokens=...)")
+    if model is None:
+        return ids, mask, groups, n_valid
+    made_with, loaded_with = data.tokenizer_key_of(dataset), getattr(model, "moelab_tokenizer_key", None)
+    if made_with and loaded_with and made_with != loaded_with:
+        raise ValueError(f"the calibration set was tokenised by another tokenizer ({made_with}) than the model's "
+                         f"({loaded_with}); build it with the model's own: data.calibration_set(tokenizer, ...)")
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(f"the calibration set holds token ids in [{int(ids.min())}, {int(ids.max())}], outside the "
+                         f"model's vocabulary of {vocab}: it was tokenised for another model; build it with this "
+                         "model's tokenizer (data.calibration_set(tokenizer, ...))")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and ids.ndim == 2 and ids.shape[1] > positions:
+        raise ValueError(f"calibration rows of {ids.shape[1]} tokens are longer than the model's "
+                         f"max_position_embeddings={positions}; build the set with seq_len <= {positions}")
     return ids, mask, groups, n_valid
 
 
@@ -408,7 +469,7 @@ def _replay(model, dataset, edit, *, batch_size: int, sample_size: int, seed: in
             min_tokens: int) -> dict:
     from tqdm.auto import tqdm
 
-    ids, mask, groups, _ = _checked_rows(dataset, min_tokens)
+    ids, mask, groups, _ = _checked_rows(dataset, min_tokens, model)
     moe_idx = [l.layer_idx for l in models.moe_layers(model)]
     if not moe_idx:
         raise ValueError("the model has no MoE layers to observe")
@@ -469,3 +530,137 @@ def _replay(model, dataset, edit, *, batch_size: int, sample_size: int, seed: in
                 b["hidden"] = _layer_output(dec(b["hidden"], *rest, **other))
     model.train(was_training)
     return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Observe once, compress many times: an observation on disk
+# ---------------------------------------------------------------------------------------------
+OBSERVATION_FORMAT = "moelab-observation/1"
+_SCALARS = ("layer", "num_experts", "top_k", "tokens")
+
+
+def calibration_identity(dataset) -> dict:
+    """What identifies a calibration set: rows, valid tokens, its tokenizer (for a ``data.calibration_set``)
+    and a hash of its token ids and mask."""
+    import hashlib
+
+    from . import data
+
+    ids, mask, groups = _rows(dataset)
+    h = hashlib.sha256()
+    h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    h.update(mask.to(torch.int8).contiguous().numpy().tobytes())
+    if groups:
+        h.update("\0".join(groups).encode())
+    return {"rows": int(ids.shape[0]), "tokens": int(mask.sum()), "tokenizer": data.tokenizer_key_of(dataset),
+            "ids_sha256": h.hexdigest()[:16]}
+
+
+def save(obs: Observation, path, *, model=None, dataset=None, extra: dict | None = None):
+    """Write ``obs`` to one safetensors file (statistics as tensors, the rest as JSON metadata).
+
+    The file records the observed layers' identity (``Observation.model_key``: expert counts, widths,
+    router checksums), so ``load(path, model)`` refuses another model; with ``model`` the model's name or
+    path, with ``dataset`` the calibration set's identity (``calibration_identity``), and ``extra`` (e.g.
+    the mix) go in too. Written to a temporary file and renamed into place.
+
+    Returns:
+        The path written.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    import moelab
+
+    path = Path(path)
+    tensors, layers = {}, {}
+    for idx, st in obs.layers.items():
+        rec = {k: getattr(st, k) for k in _SCALARS}
+        for name, val in vars(st).items():
+            if isinstance(val, torch.Tensor) and name != "_sample_keys":
+                tensors[f"layers.{idx}.{name}"] = val.detach().cpu().contiguous()
+        for g, val in st.counts_by_group.items():
+            tensors[f"layers.{idx}.counts_by_group.{g}"] = val.detach().cpu().contiguous()
+        rec["groups"] = sorted(st.counts_by_group)
+        layers[str(idx)] = rec
+    meta = {"format": OBSERVATION_FORMAT, "moelab": getattr(moelab, "__version__", None), "tokens": obs.tokens,
+            "groups": obs.groups, "layer_cos": {str(k): float(v) for k, v in obs.layer_cos.items()},
+            "model_key": {str(k): v for k, v in (obs.model_key or {}).items()}, "layers": layers,
+            "calibration": calibration_identity(dataset) if dataset is not None else obs.calibration,
+            "model": None if model is None else str(getattr(model, "name_or_path", None) or
+                                                     getattr(model.config, "_name_or_path", "")),
+            "extra": extra or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"moelab_observation": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load(path, model=None) -> Observation:
+    """Read an observation written by ``save``; with ``model``, check that it is the observed one
+    (``Observation.check_model``: expert counts, widths and router checksums).
+
+    Raises:
+        ValueError: not an observation file, a damaged one, or (with ``model``) another model's.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("moelab_observation")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable observation file ({type(exc).__name__}: {exc}); "
+                         "observe the model again and save it with moelab.observe.save") from None
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file but not a moelab observation (no 'moelab_observation' "
+                         "metadata); write observations with moelab.observe.save")
+    meta = json.loads(raw)
+    if meta.get("format") != OBSERVATION_FORMAT:
+        raise ValueError(f"{path} holds observation format {meta.get('format')!r}; this moelab reads "
+                         f"{OBSERVATION_FORMAT!r}: observe the model again")
+    layers = {}
+    for key, rec in meta["layers"].items():
+        st = LayerStats(**{k: rec[k] for k in _SCALARS})
+        prefix = f"layers.{key}."
+        for name, t in tensors.items():
+            if name.startswith(prefix) and "." not in name[len(prefix):]:
+                setattr(st, name[len(prefix):], t)
+        st.counts_by_group = {g: tensors[f"{prefix}counts_by_group.{g}"] for g in rec["groups"]}
+        layers[int(key)] = st
+    obs = Observation(layers=layers, layer_cos={int(k): v for k, v in meta["layer_cos"].items()},
+                      tokens=meta["tokens"], groups=meta["groups"],
+                      model_key={int(k): v for k, v in meta["model_key"].items()} or None,
+                      calibration=meta.get("calibration"))
+    if model is not None:
+        obs.check_model(model)
+    return obs
+
+
+def observe_cached(model, dataset, folder, **kwargs) -> Observation:
+    """``observe(model, dataset, **kwargs)`` once per model, calibration set and arguments: the result is
+    kept in ``folder`` under a name hashing the three, and read back from there on the next call."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    key = json.dumps({"model": {str(k): v for k, v in model_key(model).items()},
+                      "calibration": calibration_identity(dataset),
+                      "kwargs": {k: kwargs[k] for k in sorted(kwargs) if k != "progress"}}, sort_keys=True, default=str)
+    path = Path(folder) / f"observation-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            return load(path, model)
+        except ValueError as exc:
+            import warnings
+
+            warnings.warn(f"{exc}; observing again")
+    obs = observe(model, dataset, **kwargs)
+    save(obs, path, model=model, dataset=dataset)
+    return obs

@@ -16,8 +16,9 @@ from . import models, scores
 
 def target_count(model, keep_ratio: float) -> int:
     """Experts per layer left by keeping ``keep_ratio`` of them (rounded; validated by ``check_target``)."""
-    if not 0 < keep_ratio < 1:
-        raise ValueError(f"keep_ratio={keep_ratio} must lie strictly between 0 and 1")
+    from .checks import share
+
+    share(keep_ratio, "keep_ratio", 0, 1, low_open=True, high_open=True)
     current = models.moe_layers(model)[0].num_experts
     n = max(1, int(round(current * keep_ratio)))
     models.check_target(model, n)
@@ -60,6 +61,8 @@ def prune(model, obs, criterion: str = "frequency", *, num_experts: int | None =
         raise ValueError("give exactly one of num_experts or keep_ratio")
     n = target_count(model, keep_ratio) if num_experts is None else num_experts
     models.check_target(model, n)
+    if hasattr(obs, "check_model"):
+        obs.check_model(model)
     keep = keep_by_importance(obs, criterion, n, seed=seed)
     out = model if inplace else models.variant(model)
     models.prune_experts(out, {l: idx.tolist() for l, idx in keep.items()})

@@ -59,12 +59,22 @@ class Recipe:
     eval_tokens: int = 65_536      # held-out tokens per domain for the final metrics, at most (a domain
                                    # whose eval split holds fewer is scored on all of its full rows)
     seed: int = 0
+    threads: int = 2               # torch intra-op threads of the build: the sums inside a matmul are split
+                                   # by thread, so another count gives other bytes; fixed here, on any machine
 
     def key(self) -> str:
-        """Cache key: the recipe, the version, and the fingerprint of the code that builds it."""
+        """Cache key: the recipe, the version, the fingerprint of the code that builds it, and what
+        decides the training text beyond the code (``data.corpus_identity``: the Python version whose
+        standard library is the code domain, the packages giving the other domains, or a snapshot)."""
         blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "data": data.DATA_VERSION,
-                           "code": build_fingerprint()}, sort_keys=True)
+                           "code": build_fingerprint(), "corpus": _corpus_identity(os.environ.get(data.SNAPSHOT_ENV))},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_identity(_snapshot: str | None) -> str:
+    return data.corpus_identity()
 
 
 # The zoo: short names for recipes. "qwen3-moe-15m" is the embedded default every notebook uses.
@@ -298,6 +308,7 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
+    torch.set_num_threads(recipe.threads)  # the caller (build) restores its own count
     seed_everything(recipe.seed)
     out_dir.mkdir(parents=True)
     tokenizer = train_tokenizer(recipe, out_dir)
@@ -389,18 +400,45 @@ def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False)
     if name not in RECIPES:
         raise KeyError(f"no zoo model named {name!r}; known: {sorted(RECIPES)}")
     final = path_of(name)
-    if final.exists() and not force:
+    if final.exists() and not force and not _damaged(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # One builder per recipe: a second process (another notebook) waits for the first, then reuses it.
     with open(final.with_name(final.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            for stale in final.parent.glob(final.name + ".building-*"):  # a killed build's (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
             if final.exists() and not force:
-                return final
+                why = _damaged(final)
+                if not why:
+                    return final
+                import warnings
+
+                warnings.warn(f"the cached zoo model {final} is damaged ({why}); rebuilding it")
             return _build_locked(name, final, progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_ENTRY_FILES = ("config.json", "tokenizer.json", "build_metrics.json")
+
+
+def _damaged(entry: Path) -> str | None:
+    """Why a cached zoo entry cannot be used (a file missing, a weights file damaged), or None."""
+    from .models import check_weight_files
+
+    missing = [f for f in _ENTRY_FILES if not (entry / f).is_file()]
+    if missing:
+        return f"{missing} missing"
+    if not list(entry.glob("*.safetensors")):
+        return "no weights file"
+    try:
+        check_weight_files(entry)
+        json.loads((entry / "config.json").read_text())
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _build_locked(name: str, final: Path, progress: bool) -> Path:
@@ -475,6 +513,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast
         device_map = "cuda"
     model = load_model(path, device_map=device_map, dtype=dtype, **kwargs)
     from .models import input_device
+
+    # calibration sets record their tokenizer; observe compares it with this one
+    model.moelab_tokenizer_key = data.tokenizer_key(tokenizer)
 
     # observation switches to moelab's kernel on its own, wherever the model is
     if fast_kernel and model._can_set_experts_implementation() and input_device(model).type == "cpu":

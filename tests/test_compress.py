@@ -26,9 +26,9 @@ def logits(model, ids=IDS):
         return model(input_ids=ids).logits
 
 
-def test_dern_above_one_is_plain_dern_pruning(tiny):
+def test_dern_at_one_is_plain_dern_pruning(tiny):
     model, obs = tiny
-    dern, info = compress.dern_model(model, obs, 4, alpha=1.5)
+    dern, info = compress.dern_model(model, obs, 4, alpha=1.0)
     pruned, kept = prune.prune(model, obs, "dern", num_experts=4)
     torch.testing.assert_close(logits(dern), logits(pruned), atol=0, rtol=0)
     for layer_idx, rec in info.items():
@@ -151,3 +151,52 @@ def test_slim_model_composes_experts_width_and_depth(smoke):
     models.check_consistency(out)
     same, info = compress.slim_model(model, obs)
     assert same is not model and info["parameters"] == info["original_parameters"]
+
+
+# Wrong arguments fail at once with the argument named (issue 14 item 5); each of these once raised a
+# TypeError deep in a tensor operation, returned a negative count, or returned an unchanged copy.
+BAD_ARGUMENTS = [
+    ("prune float count", lambda m, o: prune.prune(m, o, "frequency", num_experts=6.0), TypeError, r"pass int\(6.0\)"),
+    ("prune string count", lambda m, o: prune.prune(m, o, "frequency", num_experts="6"), TypeError, "whole number"),
+    ("HC-SMoE fractional count", lambda m, o: compress.hc_smoe_model(m, o, 6.5), TypeError, "whole number"),
+    ("nearest-merge float count", lambda m, o: compress.merge_into_nearest_model(m, o, 6.0), TypeError, "num_experts"),
+    ("DERN float count", lambda m, o: compress.dern_model(m, o, 6.0), TypeError, "num_experts"),
+    ("M-SMoE reduction above 1", lambda m, o: compress.msmoe_total(m, 1.5), ValueError, r"reduction must lie in \(0, 1\)"),
+    ("M-SMoE reduction below 0", lambda m, o: compress.msmoe_total(m, -0.2), ValueError, "reduction"),
+    ("M-SMoE reduction below top-k", lambda m, o: compress.msmoe_total(m, 0.9), ValueError, "at most 0.750"),
+    ("M-SMoE fractional total", lambda m, o: compress.msmoe_model(m, o, 20.5), TypeError, "total"),
+    ("slim count that does not shrink", lambda m, o: compress.slim_model(m, o, num_experts=8), ValueError,
+     "not below the current count"),
+    ("slim width above 1", lambda m, o: compress.slim_model(m, o, width_ratio=1.5), ValueError, "width_ratio"),
+    ("slim negative depth", lambda m, o: compress.slim_model(m, o, remove_layers=-1), ValueError, "remove_layers"),
+    ("DERN alpha above 1", lambda m, o: compress.dern_model(m, o, 4, alpha=1.5), ValueError, r"alpha .* \[0, 1\]"),
+    ("DERN alpha below 0", lambda m, o: compress.dern_model(m, o, 4, alpha=-0.1), ValueError, "alpha"),
+    ("low rank of 0", lambda m, o: compress.low_rank_sparse_model(m, 0.5, rank=0), ValueError, "rank must be at least 1"),
+    ("low rank above the matrix rank", lambda m, o: compress.low_rank_sparse_model(m, 0.5, rank=10 ** 6), ValueError,
+     "give rank <="),
+    ("rank fraction above 1", lambda m, o: compress.low_rank_sparse_model(m, 0.5, rank_fraction=2.0), ValueError,
+     "rank_fraction"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,match", BAD_ARGUMENTS, ids=[c[0] for c in BAD_ARGUMENTS])
+def test_wrong_arguments_fail_with_the_argument_named(tiny, name, call, error, match):
+    model, obs = tiny
+    with pytest.raises(error, match=match):
+        call(model, obs)
+
+
+def test_an_observation_of_another_or_edited_model_is_refused(tiny):
+    model, obs = tiny
+    other = models.tiny_model("qwen3_moe", num_experts=8, top_k=2, seed=1)
+    with pytest.raises(ValueError, match="made on another model.*router_checksum"):
+        prune.prune(other, obs, "frequency", num_experts=4)
+    pruned, _ = prune.prune(model, obs, "frequency", num_experts=6)
+    with pytest.raises(ValueError, match="experts was 8, is 6"):
+        compress.dern_model(pruned, obs, 4)
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        models.moe_layers(trained)[0]._router_weight().mul_(1.01)
+    with pytest.raises(ValueError, match="observe the model as it is now"):
+        compress.hc_smoe_model(trained, obs, 4)
+    compress.hc_smoe_model(model, obs, 4)  # the observed model itself passes

@@ -1,4 +1,8 @@
+import os
+import re
+
 import pytest
+import torch
 
 from moelab import data
 
@@ -99,4 +103,70 @@ def test_calibration_cache_keeps_mixes_apart(smoke, tmp_path, monkeypatch):
     a = data.calibration_set(tok, "0.1:0.9:0", tokens=128 * 50, seq_len=128)
     b = data.calibration_set(tok, "0.104:0.896:0", tokens=128 * 50, seq_len=128)
     assert a["domain"].count("general") == 5 and b["domain"].count("general") == 5  # the same counts here ...
-    assert len(list((tmp_path / "calib").iterdir())) == 2  # ... but two cache entries, not one reused
+    assert len([p for p in (tmp_path / "calib").iterdir() if p.is_dir()]) == 2  # ... but two entries, not one reused
+
+
+@pytest.mark.parametrize("mix,tokens,starved", [("1:1:1", 100 * 1, ["math", "code"]), ("1:1:1", 256, ["general"]),
+                                                 ("1:0.01:1", 128 * 20, ["math"])])
+def test_a_budget_that_gives_a_domain_of_the_mix_no_row_is_refused(smoke, mix, tokens, starved):
+    """100 tokens of 1:1:1 once gave one row, all general; 1:0.01:1 silently dropped math."""
+    _, tok = smoke
+    seq_len = 100 if tokens == 100 else 128
+    with pytest.raises(ValueError, match=rf"gives {re.escape(str(starved))} no row.*at least (\d+)") as info:
+        data.calibration_set(tok, mix, tokens=tokens, seq_len=seq_len, cache=False)
+    need = int(re.search(r"at least (\d+)", str(info.value)).group(1))
+    ds = data.calibration_set(tok, mix, tokens=need, seq_len=seq_len, cache=False)  # the named budget works
+    assert all(ds["domain"].count(d) > 0 for d in starved)
+
+
+def test_calibration_set_records_its_tokenizer_and_observe_checks_it(smoke, tmp_path, monkeypatch):
+    from moelab import observe
+
+    model, tok = smoke
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    ds = data.calibration_set(tok, "1:1:1", tokens=128 * 6, seq_len=128)
+    assert data.tokenizer_key_of(ds) == data.tokenizer_key(tok) == model.moelab_tokenizer_key
+    monkeypatch.setattr(model, "moelab_tokenizer_key", "0123456789ab")  # as if loaded with another tokenizer
+    with pytest.raises(ValueError, match="another tokenizer"):
+        observe.observe(model, ds, progress=False)
+    monkeypatch.undo()
+    too_big = torch.full((4, 32), model.get_input_embeddings().num_embeddings + 5)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        observe.observe(model, too_big, progress=False)
+
+
+def test_calibration_cache_rebuilds_damaged_entries_and_clears_killed_writes(smoke, tmp_path, monkeypatch):
+    """A racing or killed writer once left <key>.tmpPID folders (29 of 30 races); a damaged entry raised
+    ArrowInvalid without naming the path."""
+    _, tok = smoke
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    want = [list(r) for r in data.calibration_set(tok, "1:2:1", tokens=128 * 8, seq_len=128)["input_ids"]]
+    entry = next(p for p in (tmp_path / "calib").iterdir() if p.is_dir())
+    (entry.parent / f"{entry.name}.tmp99999").mkdir()
+    for f in entry.glob("*.arrow"):
+        f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=f"{entry}.*unusable.*rebuilding"):
+        again = data.calibration_set(tok, "1:2:1", tokens=128 * 8, seq_len=128)
+    assert [list(r) for r in again["input_ids"]] == want
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, entry.name + ".lock"])
+
+
+def test_calibration_writers_racing_leave_one_entry(smoke, tmp_path):
+    """Four processes ask for the same new set at once: one builds, the others wait and read it, and
+    no temporary is left (racing writers once left <key>.tmpPID folders behind)."""
+    import subprocess
+    import sys
+
+    from moelab import zoo
+
+    code = ("from transformers import AutoTokenizer; from moelab import data; "
+            f"t = AutoTokenizer.from_pretrained({str(zoo.path_of('smoke'))!r}); "
+            "print(len(data.calibration_set(t, '1:1:1', tokens=128 * 12, seq_len=128)))")
+    env = {**os.environ, "MOELAB_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert all(o[0].strip().splitlines()[-1] == "12" for o in outs)
+    left = sorted(p.name for p in (tmp_path / "calib").iterdir())
+    assert len(left) == 2 and left[1] == left[0] + ".lock"

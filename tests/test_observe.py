@@ -216,3 +216,53 @@ def test_only_observation_uses_moelabs_kernel(smoke, calib):
         hook.remove()
     assert seen and set(seen) == {kernels.KERNEL_NAME}
     assert model.config._experts_implementation == before
+
+
+def test_saved_observation_reloads_identically_and_compresses_the_same(smoke, calib, obs, tmp_path):
+    """Observe once, compress many times (issue 13): every statistic, the domains and the depth cosines
+    come back bit for bit, and a method run on the reloaded observation gives the same model."""
+    from moelab import compress, prune
+
+    model, _ = smoke
+    path = observe.save(obs, tmp_path / "obs.safetensors", model=model, dataset=calib, extra={"mix": "1:1:1"})
+    again = observe.load(path, model)
+    assert again.tokens == obs.tokens and again.groups == obs.groups and again.layer_cos == obs.layer_cos
+    assert again.calibration == observe.calibration_identity(calib) == obs.calibration
+    for idx, st in obs.layers.items():
+        for name, val in vars(st).items():
+            if name == "_sample_keys":
+                continue
+            other = getattr(again[idx], name)
+            if isinstance(val, torch.Tensor):
+                assert torch.equal(val, other), (idx, name)
+            elif isinstance(val, dict):
+                assert val.keys() == other.keys() and all(torch.equal(val[k], other[k]) for k in val)
+            else:
+                assert val == other, (idx, name)
+    a, _ = prune.prune(model, obs, "reap", num_experts=6)
+    b, _ = prune.prune(model, again, "reap", num_experts=6)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    m1, _ = compress.hc_smoe_model(model, obs, 6)
+    m2, _ = compress.hc_smoe_model(model, again, 6)
+    assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_a_saved_observation_refuses_another_model_and_damaged_files(smoke, obs, tmp_path):
+    model, _ = smoke
+    path = observe.save(obs, tmp_path / "obs.safetensors")
+    pruned, _ = __import__("moelab.prune", fromlist=["prune"]).prune(model, obs, "frequency", num_experts=6)
+    with pytest.raises(ValueError, match="experts was 8, is 6"):
+        observe.load(path, pruned)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable observation file"):
+        observe.load(path)
+
+
+def test_observe_cached_observes_once(smoke, calib, tmp_path, monkeypatch):
+    model, _ = smoke
+    first = observe.observe_cached(model, calib, tmp_path, sample_size=64, progress=False)
+    monkeypatch.setattr(observe, "observe", lambda *a, **k: pytest.fail("observed again"))
+    second = observe.observe_cached(model, calib, tmp_path, sample_size=64, progress=False)
+    assert torch.equal(first[0].counts, second[0].counts) and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(pytest.fail.Exception):  # other arguments: another entry
+        observe.observe_cached(model, calib, tmp_path, sample_size=32, progress=False)

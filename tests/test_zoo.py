@@ -43,19 +43,63 @@ def test_save_reload_gives_identical_logits(smoke, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
 
 
-def test_build_is_deterministic(tmp_path):
-    """The same recipe trains the same weights (a tiny recipe, two builds)."""
+def test_build_is_deterministic_whatever_the_callers_thread_count(tmp_path):
+    """The same recipe trains the same weights, built under 1 and under 2 torch threads (the recipe's
+    thread count decides, not the machine's: 1 and 2 threads once gave different weights under one name)."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
 
     recipe = replace(zoo.RECIPES["smoke"], steps=6, tokenizer_chars=50_000, eval_tokens=1024)
-    a = zoo.train(recipe, tmp_path / "a", progress=False)
-    b = zoo.train(recipe, tmp_path / "b", progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = zoo.train(recipe, tmp_path / "a", progress=False)
+        torch.set_num_threads(2)
+        b = zoo.train(recipe, tmp_path / "b", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+
+
+def test_recipe_key_holds_the_corpus(monkeypatch):
+    """Another Python (its standard library is the code text) or a data snapshot names another entry."""
+    from moelab import data
+
+    before = zoo.RECIPES["smoke"].key()
+    monkeypatch.setattr(data, "corpus_identity", lambda: "python=3.99.0,gensim=x,reasoning-gym=y")
+    zoo._corpus_identity.cache_clear()
+    try:
+        assert zoo.RECIPES["smoke"].key() != before
+    finally:
+        monkeypatch.undo()
+        zoo._corpus_identity.cache_clear()
+    assert zoo.RECIPES["smoke"].key() == before
+
+
+def test_damaged_entries_are_rebuilt_and_killed_builds_cleared(tmp_path, monkeypatch):
+    """A cached entry missing its weights once failed in from_pretrained; a killed build left .building-PID."""
+    import os
+    import shutil
+    from dataclasses import replace
+
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    monkeypatch.setitem(zoo.RECIPES, "tiny-test", replace(zoo.RECIPES["smoke"], steps=2, warmup=1,
+                                                          tokenizer_chars=50_000, eval_tokens=1024))
+    path = zoo.build("tiny-test", progress=False)
+    stale = path.with_name(path.name + ".building-99999")
+    shutil.copytree(path, stale)
+    (path / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match="damaged.*rebuilding"):
+        again = zoo.build("tiny-test", progress=False)
+    assert again == path and (path / "model.safetensors").is_file() and not stale.exists()
+    f = path / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="model.safetensors is damaged"):
+        zoo.load("tiny-test")
 
 
 def test_unknown_name_and_duplicate_recipe():
