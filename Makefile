@@ -15,11 +15,13 @@ PARAMS ?=
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moelab-installed
 
-.PHONY: reproduce test test-oldest env notebooks benchmark clean-runs help
+.PHONY: reproduce test test-oldest env model lab notebooks benchmark clean-runs help
 
 help:
 	@echo "make reproduce   # set up $(VENV), build the embedded model, run all notebooks ($(PRESET) preset)"
-	@echo "make test        # set up $(VENV), run pytest (package + notebook smoke runs + nbval)"
+	@echo "make test        # set up $(VENV), run pytest (package + notebook smoke runs + nbval + oldest transformers)"
+	@echo "make model       # build the embedded model ahead of time"
+	@echo "make lab         # open the notebooks in JupyterLab from $(VENV)"
 
 # The environment is (re)installed when pyproject.toml changes. torch is installed first, pinned to
 # the CPU wheel 2.13.0, and only when the venv has no torch: a GPU build already there is kept.
@@ -31,6 +33,14 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 env: $(STAMP)
+
+# Build the embedded model ahead of time (before a class: about 11 minutes on two cores, once).
+model: $(STAMP)
+	$(PY) -c "from moelab import zoo; print(zoo.build())"
+
+# Open the notebooks in JupyterLab from the venv (its kernel is the venv's Python).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
 
 reproduce: $(STAMP)
 	$(PY) -m moelab.runner --preset $(PRESET) $(if $(NB),--notebook $(NB),) $(if $(PARAMS),--params $(PARAMS),) \

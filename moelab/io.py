@@ -189,7 +189,9 @@ def _temp_path(out: Path, kind: str) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    """Whether a process runs (POSIX signal 0); on Windows always True: os.kill would end it, so
+    temporaries are never taken for stale there."""
+    if pid == os.getpid() or os.name == "nt":
         return True
     try:
         os.kill(pid, 0)

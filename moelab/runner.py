@@ -16,6 +16,9 @@ Where a run writes: the executed copies under ``<run>/notebooks/``, each noteboo
 ``<run>`` is ``runs/<preset>`` for a preset as it is, ``runs/<preset>-<hash of the overrides>`` when
 any parameter was overridden (``--out`` picks it). Figures go to the published ``figures/`` only for
 the full preset as it is (the embedded default); every other run writes them to ``<run>/figures/``.
+That published run also copies each executed notebook that succeeded to ``executed/`` (committed, so
+the results can be read without running; ``tests/test_notebooks.py`` checks that their code is the
+sources') and its summary to ``executed/SUMMARY.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+EXECUTED = ROOT / "executed"  # the published run's executed notebooks (committed)
 PRESETS = ("full", "smoke", "paper")
 PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
 _RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
@@ -215,13 +219,30 @@ def run(preset: str = "full", only=None, out_root: Path | None = None, progress:
         finally:
             timings[nb.stem] = time.time() - t0
         print(f"   done in {timings[nb.stem]:.0f} s", flush=True)
+        if published:
+            publish_executed(executed / nb.name)
     # The summary covers every notebook with a recorded result in this run directory, not only the
     # ones run now, so running one notebook alone keeps the others' figures in the page.
     summary = write_summary(out_root, [nb.stem for nb in notebooks()], timings, failed)
     print(f"summary: {summary}")
+    if published:
+        publish_executed(summary)
     if failed:
         raise NotebookFailed("notebook(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return out_root
+
+
+def publish_executed(path: Path) -> Path:
+    """Copy a file of the published run into ``executed/`` (temporary name, then rename)."""
+    import os
+    import shutil
+
+    EXECUTED.mkdir(exist_ok=True)
+    target = EXECUTED / Path(path).name
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def _build_zoo_models(names) -> None:

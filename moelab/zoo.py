@@ -11,7 +11,6 @@ curve (``training_curve.json``) and final per-domain metrics (``build_metrics.js
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -404,21 +403,19 @@ def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # One builder per recipe: a second process (another notebook) waits for the first, then reuses it.
-    with open(final.with_name(final.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for stale in final.parent.glob(final.name + ".building-*"):  # a killed build's (we hold the lock)
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists() and not force:
-                why = _damaged(final)
-                if not why:
-                    return final
-                import warnings
+    from filelock import FileLock
 
-                warnings.warn(f"the cached zoo model {final} is damaged ({why}); rebuilding it")
-            return _build_locked(name, final, progress)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(str(final.with_name(final.name + ".lock"))):  # portable (Windows and macOS too)
+        for stale in final.parent.glob(final.name + ".building-*"):  # a killed build's (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists() and not force:
+            why = _damaged(final)
+            if not why:
+                return final
+            import warnings
+
+            warnings.warn(f"the cached zoo model {final} is damaged ({why}); rebuilding it")
+        return _build_locked(name, final, progress)
 
 
 _ENTRY_FILES = ("config.json", "tokenizer.json", "build_metrics.json")

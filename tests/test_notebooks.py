@@ -66,3 +66,34 @@ def test_notebook_shape_and_output_policy(nb):
             assert not c.get("outputs") and c.get("execution_count") is None, "commit notebooks without outputs"
     for preset in runner.PRESETS:
         runner.parameters(nb, preset)  # a parameter file exists for every preset
+
+
+def _code_cells(nb, skip_injected=False):
+    return [c.source for c in nb.cells if c.cell_type == "code"
+            and not (skip_injected and "injected-parameters" in c.get("metadata", {}).get("tags", []))]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_executed_copy_is_committed_and_matches_its_source(nb):
+    """The published run's executed copy (executed/, written by the full preset as it is) is in the
+    repository, ran to the end, and holds exactly the source's code: an edited notebook needs
+    `make reproduce` again before it lands."""
+    copy = runner.EXECUTED / nb.name
+    assert copy.is_file(), f"{copy} is missing: run `make reproduce` (the full preset) and commit executed/"
+    ran = nbformat.read(copy, as_version=4)
+    src = nbformat.read(nb, as_version=4)
+    assert _code_cells(ran, skip_injected=True) == _code_cells(src), (
+        f"{copy} was executed from other code than {nb}: run `make reproduce NB={nb.stem[:2]}` and commit it")
+    assert ran.metadata.get("papermill", {}).get("exception") in (None, False), f"{copy} stopped on an error"
+    assert all(c.get("execution_count") for c in ran.cells if c.cell_type == "code"), f"{copy} did not run every cell"
+
+
+def test_only_the_published_run_writes_executed_copies(tmp_path, monkeypatch):
+    """publish_executed copies atomically into executed/; runs with other presets or overrides never call it
+    (the smoke runs above leave executed/ as committed)."""
+    monkeypatch.setattr(runner, "EXECUTED", tmp_path / "executed")
+    src = tmp_path / "x.ipynb"
+    src.write_text("{}")
+    out = runner.publish_executed(src)
+    assert out == tmp_path / "executed" / "x.ipynb" and out.read_text() == "{}"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.ipynb"]
