@@ -48,17 +48,10 @@ __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_pre
            "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time"]
 
 
-def _layers(obs, model=None) -> Mapping:
-    """The per-layer statistics of an ``Observation`` (checked to be ``model``'s) or of a plain dict."""
-    if hasattr(obs, "check_model") and model is not None:
-        obs.check_model(model)
-    return obs.layers if hasattr(obs, "layers") else obs
-
-
 def _edit_copy(model, obs, num_experts: int):
     """Validate the target, copy the model, and pair each MoE layer of the copy with its statistics."""
     models.check_target(model, num_experts)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     out = models.variant(model)
     return out, [(layer, stats[layer.layer_idx]) for layer in models.moe_layers(out)]
 
@@ -149,7 +142,7 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
         (new model, info) with info ``{layer: {"groups": [[dominant, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -248,7 +241,7 @@ def partial_preservation_model(model, obs, num_experts: int, preserve_ratio: flo
         (new model, info) with info ``{layer: {"groups": [[base, merged...], ...], "preserved": [int]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     groups, coeffs, info = {}, {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -428,7 +421,7 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
         "relative_error": float}}`` (relative to sum ||F(x)||^2).
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     keep, info = {}, {}
     for layer in models.moe_layers(model):
         X = stats[layer.layer_idx].input_sample
@@ -516,7 +509,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
     observing = dict(sample_size=sample_size, seed=seed, batch_size=batch_size, progress=progress)
     info = {}
     if not sequential:
-        stats = _layers(obs if obs is not None else observe.observe(model, calib, **observing), model)
+        stats = observe.layer_stats(obs if obs is not None else observe.observe(model, calib, **observing), model)
         groups, coeffs = {}, {}
         for layer in models.moe_layers(model):
             g, sal, dist = ream_groups(stats[layer.layer_idx], num_experts, **grouping)
@@ -559,7 +552,7 @@ def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", ali
         (new model, info) with info ``{layer: {"groups": [[representative, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
@@ -642,7 +635,7 @@ def msmoe_groups(model, obs, total: int, *, adaptive: bool = True, criterion: st
     whole(total, "total", minimum=1)
     if min_per_layer is not None:
         whole(min_per_layer, "min_per_layer", minimum=1)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     imp = {l.layer_idx: scores.importance(stats[l.layer_idx], criterion) for l in layers}
     if adaptive:
         forced = max(l.top_k for l in layers) if min_per_layer is None else min_per_layer
@@ -693,7 +686,7 @@ def msmoe_model(model, obs, total: int, *, adaptive: bool = True, criterion: str
     """
     groups, coeffs = msmoe_groups(model, obs, total, adaptive=adaptive, criterion=criterion,
                                   similarity=similarity, min_per_layer=min_per_layer)
-    stats = _layers(obs, model)
+    stats = observe.layer_stats(obs, model)
     out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})
     return out, {l: {"groups": g, "num_experts": len(g)} for l, g in groups.items()}
 
@@ -868,8 +861,8 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
         whole(rank, "rank", minimum=1)
         full = min(min(l.intermediate_size, l.hidden_size) for l in models.moe_layers(model))
         if rank > full:
-            raise ValueError(f"rank={rank} is above the rank {full} an expert matrix can have (min of its width "
-                             f"{models.moe_layers(model)[0].intermediate_size} and hidden size); give rank <= {full}")
+            raise ValueError(f"rank={rank} is above the rank {full} an expert matrix can have (the smaller of its "
+                             f"width and hidden size); give rank <= {full}")
     out = models.variant(model)
     info = {}
     for layer in models.moe_layers(out):

@@ -374,7 +374,9 @@ def pack_tokens(token_lists: Iterable[list[int]], seq_len: int, eos_id: int | No
     return rows
 
 
-def _tokenizer_key(tokenizer) -> str:
+def tokenizer_key(tokenizer) -> str:
+    """A short identity of a tokenizer (its whole vocabulary and class): calibration sets record it, and
+    ``zoo.load`` records it on the model, so ``observe`` refuses a set made with another tokenizer."""
     vocab = tokenizer.get_vocab()
     blob = json.dumps(sorted(vocab.items())) + type(tokenizer).__name__
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -414,7 +416,7 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
     if tokens < seq_len:
         raise ValueError(f"token budget {tokens} is below one row of seq_len={seq_len}; raise `tokens`")
     counts = _rows_per_domain(shares, tokens, seq_len)
-    tok_key = _tokenizer_key(tokenizer)
+    tok_key = tokenizer_key(tokenizer)
     # The key holds the exact shares (repr of each float), not the rounded label: 0.104:0.896 is not 0.1:0.9.
     key = hashlib.sha256(json.dumps([[repr(shares[d]) for d in DOMAINS], tokens, seq_len, split, seed,
                                      tok_key]).encode()).hexdigest()[:16]
@@ -513,8 +515,3 @@ def tokenizer_key_of(dataset) -> str | None:
         return json.loads(dataset.info.description or "{}").get(TOKENIZER_INFO)
     except (AttributeError, ValueError, TypeError):
         return None
-
-
-def tokenizer_key(tokenizer) -> str:
-    """A short identity of a tokenizer (its vocabulary and class); ``zoo.load`` records it on the model."""
-    return _tokenizer_key(tokenizer)

@@ -482,10 +482,9 @@ class PerplexityTask(Task):
 
     @torch.inference_mode()
     def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[Score]:
-        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and self.seq_len > positions:
-            raise ValueError(f"{self.name}: rows of seq_len={self.seq_len} are longer than the model's "
-                             f"max_position_embeddings={positions}; use seq_len <= {positions}")
+        from .models import check_positions
+
+        check_positions(model, self.seq_len, f"{self.name}: rows")
         rows = self.rows(tokenizer)
         device, row_nll = _device(model), []
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]

@@ -1748,6 +1748,15 @@ def check_weight_files(path_or_id) -> None:
                              "incomplete: save, copy or download it again") from None
 
 
+def check_positions(model: nn.Module, length: int, what: str) -> None:
+    """Raise ValueError when rows of ``length`` tokens are longer than the model's positions
+    (``config.max_position_embeddings``); ``what`` names the rows in the message."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise ValueError(f"{what} of {length} tokens are longer than the model's max_position_embeddings="
+                         f"{positions}; use seq_len <= {positions}")
+
+
 def check_routing(model: nn.Module, where="the model") -> None:
     """Raise ValueError when a MoE config routes each token to more experts than a layer has."""
     try:

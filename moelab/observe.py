@@ -140,6 +140,16 @@ class Observation:
                     )
 
 
+def layer_stats(obs, model=None):
+    """The per-layer statistics of an ``Observation`` (first checked to be ``model``'s,
+    ``Observation.check_model``) or of a plain {layer: LayerStats} dict."""
+    if isinstance(obs, Observation):
+        if model is not None:
+            obs.check_model(model)
+        return obs.layers
+    return obs
+
+
 def model_key(model, layers=None) -> dict:
     """What identifies each MoE layer of ``model`` for ``Observation.check_model``: expert count, top-k,
     hidden size, expert width and a float32 checksum of the router weight (None where it cannot be read)."""
@@ -398,10 +408,8 @@ def _checked_rows(dataset, min_tokens: int, model=None):
         raise ValueError(f"the calibration set holds token ids in [{int(ids.min())}, {int(ids.max())}], outside the "
                          f"model's vocabulary of {vocab}: it was tokenised for another model; build it with this "
                          "model's tokenizer (data.calibration_set(tokenizer, ...))")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and ids.ndim == 2 and ids.shape[1] > positions:
-        raise ValueError(f"calibration rows of {ids.shape[1]} tokens are longer than the model's "
-                         f"max_position_embeddings={positions}; build the set with seq_len <= {positions}")
+    if ids.ndim == 2:
+        models.check_positions(model, ids.shape[1], "calibration rows")
     return ids, mask, groups, n_valid
 
 

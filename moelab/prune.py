@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import models, scores
+from . import models, observe, scores
 
 
 def target_count(model, keep_ratio: float) -> int:
@@ -37,7 +37,7 @@ def keep_by_importance(obs, criterion: str, num_experts: int, seed: int = 0) -> 
     Returns:
         {layer index: LongTensor of kept expert indices, ascending}.
     """
-    layers = obs.layers if hasattr(obs, "layers") else obs
+    layers = observe.layer_stats(obs)
     return {l: scores.select_top(scores.importance(st, criterion, seed=seed), num_experts)
             for l, st in layers.items()}
 
@@ -61,8 +61,7 @@ def prune(model, obs, criterion: str = "frequency", *, num_experts: int | None =
         raise ValueError("give exactly one of num_experts or keep_ratio")
     n = target_count(model, keep_ratio) if num_experts is None else num_experts
     models.check_target(model, n)
-    if hasattr(obs, "check_model"):
-        obs.check_model(model)
+    observe.layer_stats(obs, model)  # refuses another model's observation
     keep = keep_by_importance(obs, criterion, n, seed=seed)
     out = model if inplace else models.variant(model)
     models.prune_experts(out, {l: idx.tolist() for l, idx in keep.items()})
@@ -93,7 +92,7 @@ def calibration_sweep(model, tokenizer, mixes: dict, tasks, *, criterion: str = 
     """
     import pandas as pd
 
-    from . import data, evaluate, observe
+    from . import data, evaluate
 
     frames, kept = [], {}
     for label, mix in mixes.items():
@@ -156,7 +155,7 @@ def remove_layers(model, obs, num_layers: int, how: str = "last"):
 def channel_importance(obs) -> torch.Tensor:
     """Per hidden channel, mean |activation| of the normalised hidden states entering each MoE layer,
     summed over layers (SlimQwen's width criterion; METHODS.md section 1). Shape [H]."""
-    layers = obs.layers if hasattr(obs, "layers") else obs
+    layers = observe.layer_stats(obs)
     return sum(st.hidden_abs_sum / max(1, st.tokens) for st in layers.values())
 
 

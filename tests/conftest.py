@@ -12,6 +12,20 @@ os.environ.setdefault("MOELAB_CACHE", str(ROOT / ".cache" / "moelab"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def run_at_once(code: str, processes: int, cache, timeout: int = 600) -> list[str]:
+    """Start ``processes`` Python processes running ``code`` together (MOELAB_CACHE=``cache``); wait for
+    all, assert they succeeded, and return the last line each printed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOELAB_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(processes)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+    return [out.strip().splitlines()[-1] for out, _ in outs]
+
+
 @pytest.fixture
 def one_thread():
     """Seed torch and use one intra-op thread: on a busy 2-core machine tiny models run faster that way."""

@@ -1,4 +1,3 @@
-import os
 import re
 
 import pytest
@@ -154,19 +153,13 @@ def test_calibration_cache_rebuilds_damaged_entries_and_clears_killed_writes(smo
 def test_calibration_writers_racing_leave_one_entry(smoke, tmp_path):
     """Four processes ask for the same new set at once: one builds, the others wait and read it, and
     no temporary is left (racing writers once left <key>.tmpPID folders behind)."""
-    import subprocess
-    import sys
+    from conftest import run_at_once
 
     from moelab import zoo
 
     code = ("from transformers import AutoTokenizer; from moelab import data; "
             f"t = AutoTokenizer.from_pretrained({str(zoo.path_of('smoke'))!r}); "
             "print(len(data.calibration_set(t, '1:1:1', tokens=128 * 12, seq_len=128)))")
-    env = {**os.environ, "MOELAB_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(4)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
-    assert all(o[0].strip().splitlines()[-1] == "12" for o in outs)
+    assert run_at_once(code, 4, tmp_path, timeout=300) == ["12"] * 4
     left = sorted(p.name for p in (tmp_path / "calib").iterdir())
     assert len(left) == 2 and left[1] == left[0] + ".lock"

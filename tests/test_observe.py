@@ -266,3 +266,16 @@ def test_observe_cached_observes_once(smoke, calib, tmp_path, monkeypatch):
     assert torch.equal(first[0].counts, second[0].counts) and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(pytest.fail.Exception):  # other arguments: another entry
         observe.observe_cached(model, calib, tmp_path, sample_size=32, progress=False)
+
+
+def test_rows_longer_than_the_models_positions_are_refused(smoke):
+    """Rows beyond max_position_embeddings were once observed and scored silently."""
+    from moelab import evaluate
+
+    _, tok = smoke
+    short = models.tiny_model("qwen3_moe", max_position_embeddings=16)
+    with pytest.raises(ValueError, match="calibration rows of 32 tokens are longer than the model's max_position"):
+        observe.observe(short, torch.randint(3, 100, (4, 32)), progress=False)
+    task = evaluate.perplexity_task("general", tokens=256, seq_len=32)
+    with pytest.raises(ValueError, match="ppl_general: rows of 32 tokens .* use seq_len <= 16"):
+        task.score(short, tok)

@@ -186,21 +186,13 @@ def test_recipe_key_follows_the_build_code(monkeypatch):
 
 def test_two_processes_building_one_recipe_build_it_once(tmp_path):
     """The build lock (filelock, so it works on every OS): the second process waits, then reuses."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_at_once
 
-    code = ("import sys; from dataclasses import replace; from moelab import zoo; "
+    code = ("from dataclasses import replace; from moelab import zoo; "
             "zoo.register_recipe('lock-test', replace(zoo.RECIPES['smoke'], steps=2, warmup=1, "
-            "tokenizer_chars=50_000, eval_tokens=1024)); "
-            "existed = zoo.path_of('lock-test').exists(); p = zoo.build('lock-test', progress=False); "
+            "tokenizer_chars=50_000, eval_tokens=1024)); p = zoo.build('lock-test', progress=False); "
             "print(p, (p / 'build_metrics.json').stat().st_mtime_ns)")
-    env = {**os.environ, "MOELAB_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-800:] for o in outs]
-    lines = [o[0].strip().splitlines()[-1] for o in outs]
+    lines = run_at_once(code, 2, tmp_path)
     assert lines[0] == lines[1]  # the same entry, written once (same modification time)
     left = sorted(p.name for p in (tmp_path / "zoo").iterdir())
     assert len(left) == 2 and left[1] == left[0] + ".lock"
