@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 from . import evaluate
 
-__all__ = ["VERDICTS", "Claim", "judge", "table", "observed", "informative"]
+__all__ = ["VERDICTS", "Claim", "judge", "table", "observed", "trend", "informative"]
 
 VERDICTS = ("holds", "does not hold", "opposite holds", "cannot tell")
 _LOWER_IS_BETTER = {"bits_per_byte": True, "mc_acc": False, "gen_em": False}
@@ -140,6 +140,29 @@ def observed(claim: str, paper_figure: str, our_figure: str, holds: bool | None,
     return {"claim": claim, "paper figure": paper_figure, "our figure": our_figure, "test": test, "verdict": verdict}
 
 
+def trend(claim: str, paper_figure: str, x, y, *, direction: int, x_name: str, y_name: str,
+          alpha: float = 0.05, no_signal: str | None = None) -> dict:
+    """A claim that ``y`` rises (``direction=+1``) or falls (``-1``) with ``x`` across runs (a sweep),
+    judged by Pearson's r and its two-sided p-value (``evaluate.correlation``): **holds** when p < alpha
+    with r of the claimed sign, **opposite holds** when p < alpha with the other sign, **cannot tell**
+    otherwise (also when r is undefined because a sample is constant, and when ``no_signal`` gives the
+    reason ``y`` carries no signal, as ``informative`` does). Same row form as ``judge``."""
+    if direction not in (-1, 1):
+        raise ValueError(f"claim {claim!r}: direction must be +1 (rises) or -1 (falls), got {direction!r}")
+    c = evaluate.correlation(x, y)
+    r, p, n = c["r"], c["p"], c["n"]
+    rule = f"Pearson r of {y_name} on {x_name} over {n} runs, {'> 0' if direction > 0 else '< 0'} with p < {alpha:g}"
+    row = {"claim": claim, "paper figure": paper_figure, "test": rule, "metric": y_name, "advantage": r,
+           "z": float("nan"), "n": n, "p": p}
+    if no_signal:
+        return {**row, "our figure": no_signal, "verdict": "cannot tell"}
+    if not math.isfinite(r):
+        return {**row, "our figure": f"r undefined ({y_name} or {x_name} is constant over the {n} runs)",
+                "verdict": "cannot tell"}
+    verdict = "cannot tell" if not p < alpha else ("holds" if r * direction > 0 else "opposite holds")
+    return {**row, "our figure": f"r = {r:+.2f} (p {p:.2g}, {n} runs)", "verdict": verdict}
+
+
 def informative(original_scores, metric: str, chance: float, z: float = 2.0) -> str | None:
     """None when the original model scores ``metric`` clearly above ``chance`` (beyond ``z`` standard
     errors of its mean), else the reason a claim on it cannot be judged (for ``judge(signal=...)``)."""
@@ -154,7 +177,8 @@ def informative(original_scores, metric: str, chance: float, z: float = 2.0) -> 
 
 
 def table(claims: Sequence[Claim | dict], scores: Mapping[str, object], *, signal: Mapping[str, str] | None = None):
-    """A DataFrame with one judged row per claim (``Claim`` rows judged here, ``observed`` rows as given)."""
+    """A DataFrame with one judged row per claim (``Claim`` rows judged here, ``observed`` and ``trend``
+    rows as given)."""
     import pandas as pd
 
     rows = [c if isinstance(c, dict) else judge(c, scores, signal=signal) for c in claims]

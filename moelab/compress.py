@@ -43,7 +43,7 @@ from torch import Tensor
 from . import merge, models, observe, prune, scores
 
 __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
-           "ream_groups", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
+           "ream_groups", "mean_expert_outputs", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
            "msmoe_groups", "msmoe_total", "msmoe_model", "merged_stable_ranks", "LowRankSparseExperts",
            "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time"]
 
@@ -443,8 +443,12 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
 # ---------------------------------------------------------------------------------------------
 
 def ream_groups(stats, num_experts: int, C: int = 16, saliency: str = "reap", use_router: bool = True,
-                normalise: str = "unit") -> tuple[list[list[int]], Tensor, Tensor]:
+                normalise: str = "unit", mean_outputs: Tensor | None = None) -> tuple[list[list[int]], Tensor, Tensor]:
     """REAM's grouping of one layer (METHODS.md section 2): saliency, distance, pseudo-pruning.
+
+    An expert never routed in calibration would get saliency 0, and so weight 0 in its group's merge.
+    Like REAM's reference code, it gets the layer's smallest non-zero saliency instead (for frequency,
+    half a routed token, the reference's 0.5 in its units of token counts), so that it can still be merged.
 
     Args:
         stats: the layer's ``LayerStats``.
@@ -455,13 +459,66 @@ def ream_groups(stats, num_experts: int, C: int = 16, saliency: str = "reap", us
             ``"frequency"`` is the paper's ablation).
         use_router: include the router-logit term in the distance (False: the "no router weighting" ablation).
         normalise: normalisation of the router-logit columns (``scores.ream_distance``).
+        mean_outputs: [E, H] ybar for the distance (``scores.ream_distance``; None: the routed-token mean).
 
     Returns:
         (groups [[centroid, members...], ...] by centroid index, saliency [E], distance [E, E]).
     """
-    sal = scores.importance(stats, saliency)
-    dist = scores.ream_distance(stats, normalise=normalise, use_router=use_router)
+    sal = _floored(scores.importance(stats, saliency), stats, saliency)
+    dist = scores.ream_distance(stats, normalise=normalise, use_router=use_router, mean_outputs=mean_outputs)
     return merge.group_ream(sal, dist, num_experts, C), sal, dist
+
+
+def _floored(sal: Tensor, stats, criterion: str) -> Tensor:
+    """Saliency with zeros raised to the smallest non-zero value (``ream_groups``)."""
+    positive = sal[sal > 0]
+    if positive.numel() in (0, sal.numel()):
+        return sal
+    floor = positive.min()
+    if criterion == "frequency":
+        floor = torch.minimum(floor, torch.tensor(0.5 / max(1, stats.top_k * stats.tokens), dtype=sal.dtype))
+    return torch.where(sal > 0, sal, floor)
+
+
+@torch.no_grad()
+def mean_expert_outputs(layer: models.MoELayer, X: Tensor, gated: bool, chunk: int = 1024) -> Tensor:
+    """Every expert's output averaged over every token of ``X`` [n, H], whether routed to it or not: [E, H] float64.
+
+    ``gated=False``: (1/n) sum_x f_e(x), HC-SMoE's expert feature (its reference runs every expert on all
+    collected layer inputs). ``gated=True``: (1/n) sum_x p_e(x) f_e(x) with p the router's probability
+    over all experts (``MoELayer.route``: softmax, or the family's sigmoid), REAM's ybar as its reference
+    code computes it (the paper writes the mean of g_e(x) f_e(x)). Experts run one at a time on chunks
+    of ``chunk`` tokens, so memory stays at one expert's activations whatever the number of experts.
+    """
+    w = layer.router_weight()
+    X = X.reshape(-1, layer.hidden_size)
+    if X.shape[0] == 0:
+        raise ValueError(f"layer {layer.layer_idx}: no sampled inputs to average expert outputs over; "
+                         "observe with sample_size > 0")
+    out = torch.zeros(layer.num_experts, layer.hidden_size, dtype=torch.float64)
+    for start in range(0, X.shape[0], chunk):
+        x = X[start:start + chunk].to(device=w.device, dtype=w.dtype)  # samples live on the CPU
+        p = layer.route(x).probs.float() if gated else None
+        for e in range(layer.num_experts):
+            y = layer.expert_forward(e, x).float()
+            if gated:
+                y = y * p[:, e:e + 1]
+            out[e] += y.sum(0).double().cpu()
+    return out / X.shape[0]
+
+
+OUTPUT_MEANS = ("all_tokens", "routed")
+
+
+def _ream_mean_outputs(layer: models.MoELayer, st, outputs: str) -> Tensor | None:
+    if outputs not in OUTPUT_MEANS:
+        raise ValueError(f"outputs must be one of {OUTPUT_MEANS}, got {outputs!r}")
+    if outputs == "routed":
+        return None
+    if st.input_sample is None or st.input_sample.numel() == 0:
+        raise ValueError(f"layer {layer.layer_idx}: outputs='all_tokens' averages expert outputs over the observation's "
+                         "input sample, and it holds none: observe with sample_size > 0, or pass outputs='routed'")
+    return mean_expert_outputs(layer, st.input_sample, gated=True)
 
 
 def _ream_info(groups: list[list[int]], sal: Tensor, dist: Tensor) -> dict:
@@ -474,8 +531,9 @@ def _ream_info(groups: list[list[int]], sal: Tensor, dist: Tensor) -> dict:
 
 @torch.no_grad()
 def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "reap", use_router: bool = True,
-               normalise: str = "unit", align: str | None = "ream", sequential: bool = True, obs=None,
-               sample_size: int = 512, seed: int = 0, batch_size: int = 8, progress: bool = False, **merge_kwargs):
+               normalise: str = "unit", outputs: str = "all_tokens", align: str | None = "ream",
+               sequential: bool = True, obs=None, sample_size: int = 512, seed: int = 0, batch_size: int = 8,
+               progress: bool = False, **merge_kwargs):
     """REAM on every MoE layer of a copy of ``model`` (METHODS.md section 2).
 
     Per layer: the ``num_experts`` most salient experts are centroids, each takes up to C - 1 nearest
@@ -493,6 +551,9 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         calib: the calibration set (as for ``observe.observe``); unused in one-shot mode when ``obs`` is given.
         num_experts: experts per layer after merging.
         C, saliency, use_router, normalise: of ``ream_groups``.
+        outputs: ybar of the distance. ``"all_tokens"`` (REAM's reference code): p_e(x) f_e(x) averaged
+            over the layer's sampled inputs, every expert on every token (``mean_expert_outputs``);
+            ``"routed"``: g_e(x) f_e(x) averaged over the tokens routed to e, from the observation's sums.
         align: neuron alignment before merging (None, ``"weights"``, ``"activations"``, ``"ream"``).
         sequential: re-observe each layer after merging the earlier ones.
         obs: an ``Observation`` of ``model`` on ``calib`` to reuse in one-shot mode.
@@ -505,6 +566,8 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         floats, "distance": [E, E] REAM distance}}``, statistics as seen when the layer was merged.
     """
     models.check_target(model, num_experts)
+    if outputs not in OUTPUT_MEANS:
+        raise ValueError(f"outputs must be one of {OUTPUT_MEANS}, got {outputs!r}")
     grouping = dict(C=C, saliency=saliency, use_router=use_router, normalise=normalise)
     observing = dict(sample_size=sample_size, seed=seed, batch_size=batch_size, progress=progress)
     info = {}
@@ -512,7 +575,8 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         stats = observe.layer_stats(obs if obs is not None else observe.observe(model, calib, **observing), model)
         groups, coeffs = {}, {}
         for layer in models.moe_layers(model):
-            g, sal, dist = ream_groups(stats[layer.layer_idx], num_experts, **grouping)
+            st = stats[layer.layer_idx]
+            g, sal, dist = ream_groups(st, num_experts, mean_outputs=_ream_mean_outputs(layer, st, outputs), **grouping)
             groups[layer.layer_idx], coeffs[layer.layer_idx] = g, sal
             info[layer.layer_idx] = _ream_info(g, sal, dist)
         out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()},
@@ -522,8 +586,9 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
     by_idx = {layer.layer_idx: layer for layer in models.moe_layers(out)}
 
     def edit(layer_idx, st):
-        g, sal, dist = ream_groups(st, num_experts, **grouping)
-        _merge_layer_into(out, by_idx[layer_idx], g, sal, align=align, X=st.input_sample, **merge_kwargs)
+        layer = by_idx[layer_idx]
+        g, sal, dist = ream_groups(st, num_experts, mean_outputs=_ream_mean_outputs(layer, st, outputs), **grouping)
+        _merge_layer_into(out, layer, g, sal, align=align, X=st.input_sample, **merge_kwargs)
         info[layer_idx] = _ream_info(g, sal, dist)
 
     observe.observe_sequential(out, calib, edit, **observing)
@@ -533,33 +598,47 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
 
 
 @torch.no_grad()
-def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", align: str | None = None):
+def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", features: str = "all_tokens",
+                  align: str | None = None):
     """HC-SMoE (METHODS.md "Baselines"): cluster experts on their mean outputs, merge each cluster by frequency.
 
     Per layer: agglomerative clustering (``merge.group_hierarchical``, ``linkage`` average by default,
-    Euclidean) of the mean un-gated outputs out_sum / counts into ``num_experts`` clusters; each cluster
-    is merged with frequency weights, represented by (and keeping the router row of) its most frequent
-    member. An expert never routed has a zero mean output.
+    Euclidean) of each expert's mean un-gated output into ``num_experts`` clusters; each cluster is
+    merged with frequency weights, represented by (and keeping the router row of) its most frequent member.
 
     Args:
         model: the model (left untouched).
         obs: the ``Observation`` of a calibration pass on ``model``.
         num_experts: clusters (experts) per layer.
         linkage: scipy linkage method.
+        features: ``"all_tokens"`` (HC-SMoE's reference code): every expert run on the layer's sampled
+            inputs, whether routed to it or not, and averaged (``mean_expert_outputs``); ``"routed"``: the
+            mean over the tokens routed to each expert (out_sum / counts; an expert never routed has a
+            zero feature).
         align: neuron alignment before averaging (HC-SMoE: none).
 
     Returns:
         (new model, info) with info ``{layer: {"groups": [[representative, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
+    if features not in OUTPUT_MEANS:
+        raise ValueError(f"features must be one of {OUTPUT_MEANS}, got {features!r}")
     stats = observe.layer_stats(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
         freq = scores.importance(st, "frequency")
-        if st.out_sum is None:
-            raise ValueError("HC-SMoE groups experts by their mean outputs: observe with outputs=True (the default)")
-        mean_out = st.out_sum.double() / st.counts.double().clamp_min(1)[:, None]
+        if features == "all_tokens":
+            if st.input_sample is None or st.input_sample.numel() == 0:
+                raise ValueError(f"layer {layer.layer_idx}: HC-SMoE's features average every expert's output over the "
+                                 "observation's input sample, and it holds none: observe with sample_size > 0, or "
+                                 "pass features='routed'")
+            mean_out = mean_expert_outputs(layer, st.input_sample, gated=False)
+        else:
+            if st.out_sum is None:
+                raise ValueError("HC-SMoE's routed features are the mean expert outputs: observe with outputs=True "
+                                 "(the default)")
+            mean_out = st.out_sum.double() / st.counts.double().clamp_min(1)[:, None]
         groups[layer.layer_idx] = merge.group_hierarchical(mean_out, num_experts, linkage=linkage, frequency=freq)
         coeffs[layer.layer_idx] = freq
     out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()})

@@ -734,8 +734,10 @@ def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: st
     """DERN step 3: weighted spherical k-means over segments (METHODS.md section 3).
 
     Points are assigned by cosine to the centroid directions; a direction is the weighted sum of its
-    members' unit vectors. The returned centroid equalises norms inside the cluster: every member is
-    rescaled to the cluster's weighted mean norm, then they are averaged with their weights. Empty
+    members' unit vectors. The returned centroid equalises norms inside the cluster: it points along the
+    cluster's weighted mean direction and has the weighted mean norm of its members (averaging the
+    rescaled members instead would shrink it by the length of their mean unit vector, the more the
+    more they spread). Empty
     clusters take the point farthest (by cosine) from its centroid. Clusters are ordered by their lowest
     member index, so with N == k the input comes back unchanged.
 
@@ -798,8 +800,8 @@ def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: st
     labels = new
     wsum = torch.zeros(k, dtype=dt, device=dev).index_add_(0, labels, wu)
     mean_norm = torch.zeros(k, dtype=dt, device=dev).index_add_(0, labels, wu * norms) / wsum
-    mean_unit = torch.zeros(k, D, dtype=dt, device=dev).index_add_(0, labels, wu[:, None] * units) / wsum[:, None]
-    centroids = mean_norm[:, None] * mean_unit
+    mean_dir = torch.zeros(k, D, dtype=dt, device=dev).index_add_(0, labels, wu[:, None] * units)
+    centroids = mean_norm[:, None] * mean_dir / mean_dir.norm(dim=1, keepdim=True).clamp_min(1e-12)
     first = torch.full((k,), N, dtype=torch.long, device=dev).scatter_reduce_(
         0, labels, torch.arange(N, device=dev), reduce="amin")
     order = torch.sort(first, stable=True).indices

@@ -66,18 +66,53 @@ def parameters(nb: Path, preset: str) -> dict:
 
 
 def declared(nb: Path) -> dict:
-    """The parameters a notebook declares in its ``parameters`` cell: {name: default value}."""
+    """The parameters a notebook declares in its ``parameters`` cell: {name: default value}.
+
+    Read with ``ast`` (``parameter_names``), not papermill's inspector, which skips a line whose comment
+    holds an ``=`` (``LORA_RANK = 16  # ... when RECOVERY_TRAINABLE = "lora"``) and would refuse it."""
     import ast
 
-    import papermill as pm
-
     out = {}
-    for name, info in pm.inspect_notebook(str(nb)).items():
+    for name, node in _parameter_nodes(nb):
         try:
-            out[name] = ast.literal_eval(info["default"])
+            out[name] = ast.literal_eval(node)
         except (ValueError, SyntaxError):
-            out[name] = info["default"]
+            out[name] = ast.unparse(node)
     return out
+
+
+def _parameter_nodes(nb) -> list:
+    import ast
+
+    path = Path(nb) if str(nb).endswith(".ipynb") else NOTEBOOKS / f"{nb}.ipynb"
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path.name} has {len(cells)} cells tagged 'parameters'; it needs exactly one")
+    src = cells[0]["source"]
+    nodes = {}
+    for node in ast.parse("".join(src) if isinstance(src, list) else src).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                nodes[t.id] = node.value
+    return list(nodes.items())
+
+
+def parameter_names(nb) -> list[str]:
+    """The names assigned in a notebook's ``parameters`` cell, in order (``ast``; no papermill, so a
+    notebook can call it wherever it runs). ``nb``: a path, or a stem under ``notebooks/``."""
+    return [name for name, _ in _parameter_nodes(nb)]
+
+
+def parameter_values(nb, namespace: dict) -> dict:
+    """{name: value} of the notebook's parameters (``parameter_names``) as ``namespace`` holds them now,
+    without the paths the runner sets: what a notebook records beside its metrics, ``io.record(...,
+    parameters=runner.parameter_values("02_ream", globals()))``."""
+    missing = [n for n in parameter_names(nb) if n not in namespace]
+    if missing:
+        raise ValueError(f"parameters {missing} of {nb} are not defined here; run the parameters cell first")
+    return {n: namespace[n] for n in parameter_names(nb) if n not in _RUNNER_SET}
 
 
 def _type_ok(value, default) -> bool:
@@ -157,6 +192,16 @@ class NotebookFailed(RuntimeError):
     """One or more notebooks failed; the message names them and their executed copies."""
 
 
+def _absolute_cache_env() -> None:
+    """Make a relative ``MOELAB_CACHE`` absolute: the kernels run in ``notebooks/``, and would otherwise
+    read and write a second cache under it instead of the one the caller named."""
+    import os
+
+    root = os.environ.get("MOELAB_CACHE")
+    if root and not Path(root).expanduser().is_absolute():
+        os.environ["MOELAB_CACHE"] = str(Path(root).expanduser().resolve())
+
+
 def run(preset: str = "full", only=None, out_root: Path | None = None, progress: bool = True,
         overrides: dict | None = None, stop_on_error: bool = False) -> Path:
     """Execute notebooks with papermill and write the summary; returns the run directory.
@@ -178,6 +223,7 @@ def run(preset: str = "full", only=None, out_root: Path | None = None, progress:
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {PRESETS}")
     overrides = dict(overrides or {})
+    _absolute_cache_env()
     todo = notebooks(only)
     check_overrides(todo, overrides)
     out_root = Path(out_root or run_dir(preset, overrides)).resolve()

@@ -270,11 +270,12 @@ def logit_column_distance(gram: Tensor, normalise: str = "unit") -> Tensor:
     return d
 
 
-def ream_distance(stats: LayerStats, normalise: str = "unit", use_router: bool = True) -> Tensor:
+def ream_distance(stats: LayerStats, normalise: str = "unit", use_router: bool = True,
+                  mean_outputs: Tensor | None = None) -> Tensor:
     """REAM's expert distance (METHODS.md section 2).
 
-    d_ij = 1 - 0.5 [ (cos(ybar_i, ybar_j) + 1) / 2 + simgate_ij ], ybar_e the mean gated output
-    g_e(x) f_e(x), simgate = 1 - D / max D, D the Euclidean distance between router-logit columns
+    d_ij = 1 - 0.5 [ (cos(ybar_i, ybar_j) + 1) / 2 + simgate_ij ], ybar_e a mean gated output,
+    simgate = 1 - D / max D, D the Euclidean distance between router-logit columns
     (``logit_column_distance``; default ``normalise="unit"``: columns scaled to unit norm, as the
     reference code does; ``"none"`` keeps raw logits).
 
@@ -282,11 +283,21 @@ def ream_distance(stats: LayerStats, normalise: str = "unit", use_router: bool =
         stats: the layer's ``LayerStats``.
         normalise: normalisation of the logit columns before the distance ("unit" or "none").
         use_router: False drops simgate (d = 1 - (cos + 1) / 2), REAM's "no router weighting" ablation.
+        mean_outputs: [E, H] ybar to use. None takes the mean of g_e(x) f_e(x) over the tokens routed
+            to each expert (``output_cosine(gated=True)``); REAM's reference averages p_e(x) f_e(x) over
+            every token (``compress.mean_expert_outputs``), which ``compress.ream_model`` passes here.
 
     Returns:
         [E, E] in [0, 1], symmetric, zero diagonal.
     """
-    sim_out = (output_cosine(stats, gated=True) + 1) / 2
+    if mean_outputs is None:
+        cos = output_cosine(stats, gated=True)
+    else:
+        if mean_outputs.shape[0] != stats.num_experts:
+            raise ValueError(f"layer {stats.layer}: mean_outputs has {mean_outputs.shape[0]} rows for "
+                             f"{stats.num_experts} experts")
+        cos = _row_cosine(mean_outputs.double())
+    sim_out = (cos + 1) / 2
     if use_router:
         _need(stats, "logit_gram")
         D = logit_column_distance(stats.logit_gram, normalise)

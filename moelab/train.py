@@ -5,9 +5,10 @@ compares it with the same architecture trained from random init with KD; MC-SMoE
 fine-tunes its merged and compressed models with CE + 0.2 * KL at temperature 2. Both are
 ``recover(student, tokenizer, teacher=..., lm_weight=..., kd_weight=...)``:
 
-    loss = lm_weight * CE(student) + kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    loss = lm_weight * CE(student) + kd_weight * [T^2] * KL(softmax(teacher / T) || softmax(student / T))
 
-averaged over every predicted token. Batches are random windows of the train split of
+averaged over every predicted token; the T^2 factor is on by default (``kd_t2``) and off in MC-SMoE's
+reference form. Batches are random windows of the train split of
 ``moelab.data`` drawn by the mix, the same way the embedded model was trained (``zoo``), from a
 stream seeded by ``seed``; so the same seed gives the same student.
 """
@@ -25,10 +26,12 @@ from . import data, models, zoo
 __all__ = ["recover", "recover_new", "TRAINABLE", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+            t2: bool = True) -> torch.Tensor:
     """T^2 * KL(p_teacher || p_student) at temperature T, averaged over tokens (Hinton et al., 2015).
 
-    The T^2 factor keeps the gradient scale comparable across temperatures.
+    The T^2 factor keeps the gradient scale comparable across temperatures. ``t2=False`` leaves it out,
+    as MC-SMoE's reference code does (KL with batchmean reduction, times the KD weight only).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
@@ -36,7 +39,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     V = student_logits.shape[-1]
     s = F.log_softmax(student_logits.reshape(-1, V).float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.reshape(-1, V).float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * (temperature ** 2 if t2 else 1.0)
 
 
 def reinitialised(model, seed: int = 0):
@@ -190,7 +193,7 @@ class _Float32Master:
 
 def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: int = 8, seq_len: int = 256,
             lr: float = 1e-3, lm_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 2.0,
-            mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
+            kd_t2: bool = True, mix="1:1:1", seed: int = 0, warmup: int = 10, weight_decay: float = 0.1,
             eval_rows: torch.Tensor | None = None, eval_every: int = 0, progress: bool = False,
             trainable: str = "all", lora_rank: int = 16, lora_alpha: float | None = None,
             gradient_checkpointing: bool = False, protect=(), lora_experts: bool = True) -> list[dict]:
@@ -208,6 +211,8 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         lm_weight, kd_weight: the loss mix; SlimQwen's lambda is ``kd_weight=lam, lm_weight=1 - lam``,
             MC-SMoE's reference is ``lm_weight=1, kd_weight=0.2``.
         temperature: distillation temperature T.
+        kd_t2: multiply the KL term by T^2 (Hinton et al.; the default, used for SlimQwen); MC-SMoE's
+            reference leaves the factor out (``kd_t2=False``).
         mix: the general:math:code mix of the training batches.
         seed: seeds torch and the batch stream.
         eval_rows: optional held-out rows (``heldout_rows``) scored every ``eval_every`` steps and at
@@ -322,7 +327,7 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
             if kd_weight > 0:
                 with torch.no_grad():
                     t_logits = teacher(input_ids=x.to(models.input_device(teacher))).logits[:, :-1].to(logits.device)
-                kd = kd_loss(logits, t_logits, temperature)
+                kd = kd_loss(logits, t_logits, temperature, t2=kd_t2)
                 loss = loss + kd_weight * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()

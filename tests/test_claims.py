@@ -78,3 +78,23 @@ def test_table_mixes_judged_and_observed_rows_and_bad_claims_are_refused():
         claims.Claim("c", "p", "a", "b", test="beats")
     with pytest.raises(ValueError, match="metric must be one of"):
         claims.Claim("c", "p", "a", "b", metric="ppl")
+
+
+def test_trend_verdicts_with_known_answers():
+    x = np.arange(10.0)
+    noise = np.random.default_rng(1).normal(0, 0.1, 10)
+    rises, falls, flat = 0.5 * x + noise, -0.5 * x + noise, noise
+    kw = dict(x_name="share", y_name="score")
+    assert claims.trend("rises", "r ~ +0.9", x, rises, direction=+1, **kw)["verdict"] == "holds"
+    assert claims.trend("rises", "r ~ +0.9", x, falls, direction=+1, **kw)["verdict"] == "opposite holds"
+    assert claims.trend("falls", "r ~ -0.8", x, falls, direction=-1, **kw)["verdict"] == "holds"
+    row = claims.trend("rises", "r ~ +0.9", x, flat, direction=+1, **kw)
+    assert row["verdict"] == "cannot tell" and row["p"] > 0.05
+    const = claims.trend("rises", "r ~ +0.9", x, np.full(10, 0.25), direction=+1, **kw)
+    assert const["verdict"] == "cannot tell" and "constant" in const["our figure"]
+    quiet = claims.trend("rises", "r ~ +0.9", x, rises, direction=+1, no_signal="at chance", **kw)
+    assert quiet["verdict"] == "cannot tell" and quiet["our figure"] == "at chance"
+    with pytest.raises(ValueError, match="direction"):
+        claims.trend("rises", "", x, rises, direction=2, **kw)
+    df = claims.table([claims.trend("rises", "r ~ +0.9", x, rises, direction=+1, **kw)], {})
+    assert list(df.columns[:5]) == ["claim", "paper figure", "our figure", "verdict", "test"]

@@ -261,6 +261,13 @@ def test_weighted_spherical_kmeans():
         assert (cos > 0.999).all()
     # equalised norms: cluster 0 holds norms 1, 1, 3 with equal weights -> centroid norm ~ 5/3
     assert cent[0].norm().item() == pytest.approx(5 / 3, rel=1e-3)
+    # spread members: the centroid keeps the weighted mean norm (3 and 1, weights 1 and 3 -> 1.5) along the
+    # weighted mean direction, instead of shrinking by the length of the mean unit vector (here 0.79)
+    e = torch.eye(3, dtype=torch.float64)
+    spread = torch.stack([3 * e[0], e[1], e[1], e[1]])
+    c, lab = merge.weighted_spherical_kmeans(spread, torch.tensor([1.0, 1, 1, 1]), 1, iters=1)
+    expected_dir = torch.nn.functional.normalize(e[0] + 3 * e[1], dim=0)
+    torch.testing.assert_close(c[0], 1.5 * expected_dir)
     # N == k returns the input unchanged
     c2, l2 = merge.weighted_spherical_kmeans(pts[:3], torch.ones(3), 3)
     assert torch.equal(c2, pts[:3]) and l2.tolist() == [0, 1, 2]

@@ -5,7 +5,6 @@ injected smoke parameters are part of the copy, so nbval re-executes the same qu
 
 import json
 import math
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -97,3 +96,34 @@ def test_only_the_published_run_writes_executed_copies(tmp_path, monkeypatch):
     out = runner.publish_executed(src)
     assert out == tmp_path / "executed" / "x.ipynb" and out.read_text() == "{}"
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.ipynb"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_parameter_values_are_the_parameters_cell(nb):
+    """What a notebook records as its parameters is read from its parameters cell (the names papermill
+    sees, in order), not retyped; the runner's paths are left out and a missing name is refused."""
+    names = runner.parameter_names(nb.stem)
+    assert names == list(runner.declared(nb))
+    cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    by_line = [l.split("=")[0].strip() for l in cell.source.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert names == by_line  # every line, also one whose comment holds an "=" (papermill's inspector skips those)
+    runner.check_overrides([nb], {n: v for n, v in runner.declared(nb).items() if v is not None and n not in ("OUTPUT_DIR", "FIGURES_DIR")})
+    namespace = {n: i for i, n in enumerate(names)}
+    values = runner.parameter_values(nb.stem, namespace)
+    assert list(values) == [n for n in names if n not in ("OUTPUT_DIR", "FIGURES_DIR")]
+    assert "MODEL" in values and "SEED" in values
+    del namespace["SEED"]
+    with pytest.raises(ValueError, match="SEED"):
+        runner.parameter_values(nb.stem, namespace)
+
+
+def test_a_relative_cache_is_made_absolute_before_the_kernels_start(tmp_path, monkeypatch):
+    """Kernels run in notebooks/: a relative MOELAB_CACHE must name the caller's folder, not one under it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOELAB_CACHE", "rel/cache")
+    runner._absolute_cache_env()
+    import os
+
+    assert os.environ["MOELAB_CACHE"] == str(tmp_path / "rel" / "cache")
+    runner._absolute_cache_env()  # an absolute one is left as it is
+    assert os.environ["MOELAB_CACHE"] == str(tmp_path / "rel" / "cache")

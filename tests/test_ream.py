@@ -109,7 +109,7 @@ def test_frequency_saliency_and_no_router_change_the_choice(tiny):
 
 def test_hc_smoe_clusters_all_experts_and_merges_by_frequency(tiny):
     model, _, obs = tiny
-    new, info = compress.hc_smoe_model(model, obs, 3)
+    new, info = compress.hc_smoe_model(model, obs, 3, features="routed")
     assert all(l.num_experts == 3 for l in models.moe_layers(new))
     for layer_old, layer_new in zip(models.moe_layers(model), models.moe_layers(new)):
         st, groups = obs[layer_old.layer_idx], info[layer_old.layer_idx]["groups"]
@@ -120,9 +120,89 @@ def test_hc_smoe_clusters_all_experts_and_merges_by_frequency(tiny):
             c = freq[g] / freq[g].sum() if freq[g].sum() > 0 else torch.full((len(g),), 1 / len(g), dtype=torch.float64)
             expected = sum(float(ci) * layer_old.expert_weights()["up"][e].double() for ci, e in zip(c, g))
             torch.testing.assert_close(layer_new.expert_weights()["up"][j].double(), expected, atol=1e-6, rtol=1e-5)
-        # groups are average-linkage clusters of the mean expert outputs
+        # groups are average-linkage clusters of the mean expert outputs over each expert's routed tokens
         mean_out = st.out_sum / st.counts.clamp_min(1)[:, None]
         assert groups == merge.group_hierarchical(mean_out, 3, linkage="average", frequency=freq)
+
+
+def _brute_mean_outputs(layer, X, gated):
+    """sum over tokens x of (p_e(x)) f_e(x) / n, one token at a time, in float64."""
+    with torch.no_grad():
+        X = X.double()
+        w = {k: v.double() for k, v in layer.expert_weights().items()}
+        router = layer.router_weight().double()
+        out = torch.zeros(layer.num_experts, X.shape[1], dtype=torch.float64)
+        for x in X:
+            p = torch.softmax(x @ router.T, -1)
+            for e in range(layer.num_experts):
+                f = (torch.nn.functional.silu(w["gate"][e] @ x) * (w["up"][e] @ x)) @ w["down"][e].T
+                out[e] += (p[e] if gated else 1.0) * f
+        return out / X.shape[0]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mean_expert_outputs_average_every_expert_over_every_token(tiny, gated):
+    """HC-SMoE's feature (gated=False) and REAM's reference ybar (gated=True): every expert on every sampled
+    token, known answer by a per-token loop; chunking does not change it."""
+    model, _, obs = tiny
+    layer = models.moe_layers(model)[0]
+    X = obs[layer.layer_idx].input_sample[:40]
+    got = compress.mean_expert_outputs(layer, X, gated=gated, chunk=16)
+    torch.testing.assert_close(got, _brute_mean_outputs(layer, X, gated), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sample_size > 0"):
+        compress.mean_expert_outputs(layer, X[:0], gated=gated)
+
+
+def test_ream_distance_follows_the_reference_ybar_by_default(tiny):
+    """ream_model's default distance uses p_e f_e averaged over all sampled tokens; outputs='routed' the
+    routed-token mean of g_e f_e from the observation's sums; the two differ."""
+    model, _, obs = tiny
+    layer = models.moe_layers(model)[0]
+    st = obs[layer.layer_idx]
+    ybar = compress.mean_expert_outputs(layer, st.input_sample, gated=True)
+    cos = torch.nn.functional.cosine_similarity(ybar[:, None], ybar[None], dim=-1)
+    expected = (1 - (cos + 1) / 2).clamp(0, 1).fill_diagonal_(0)
+    torch.testing.assert_close(scores.ream_distance(st, use_router=False, mean_outputs=ybar), expected)
+    _, _, d_ref = compress.ream_groups(st, 3, C=0, mean_outputs=ybar)
+    _, _, d_routed = compress.ream_groups(st, 3, C=0)
+    assert not torch.allclose(d_ref, d_routed)
+    _, info_ref = compress.ream_model(model, None, 3, C=0, align=None, sequential=False, obs=obs)
+    _, info_routed = compress.ream_model(model, None, 3, C=0, align=None, sequential=False, obs=obs, outputs="routed")
+    torch.testing.assert_close(info_ref[layer.layer_idx]["distance"], d_ref.float())
+    torch.testing.assert_close(info_routed[layer.layer_idx]["distance"], d_routed.float())
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        compress.ream_model(model, None, 3, obs=obs, sequential=False, outputs="mean")
+
+
+def test_never_routed_experts_get_the_smallest_nonzero_saliency():
+    """REAM's reference raises zero saliencies to the smallest non-zero one (frequency: half a token) so that
+    an expert never routed still takes part in its group's merge."""
+    st = observe.LayerStats(layer=0, num_experts=4, top_k=2, tokens=10)
+    st.counts = torch.tensor([6.0, 0.0, 10.0, 4.0], dtype=torch.float64)
+    st.reap_sum = torch.tensor([3.0, 0.0, 2.0, 8.0], dtype=torch.float64)
+    st.logit_gram = torch.eye(4, dtype=torch.float64)
+    st.gated_out_sum = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, sal, _ = compress.ream_groups(st, 2, C=0)
+    torch.testing.assert_close(sal, torch.tensor([0.5, 0.2, 0.2, 2.0], dtype=torch.float64))
+    _, sal, _ = compress.ream_groups(st, 2, C=0, saliency="frequency")
+    torch.testing.assert_close(sal, torch.tensor([0.3, 0.025, 0.5, 0.2], dtype=torch.float64))
+
+
+def test_hc_smoe_features_run_every_expert_on_every_sampled_token(tiny):
+    """By default (HC-SMoE's reference) the clustering features are mean_expert_outputs on the input sample."""
+    model, _, obs = tiny
+    _, info = compress.hc_smoe_model(model, obs, 3)
+    _, info_routed = compress.hc_smoe_model(model, obs, 3, features="routed")
+    differs = False
+    for layer in models.moe_layers(model):
+        st = obs[layer.layer_idx]
+        feats = compress.mean_expert_outputs(layer, st.input_sample, gated=False)
+        expected = merge.group_hierarchical(feats, 3, linkage="average", frequency=st.frequency)
+        assert info[layer.layer_idx]["groups"] == expected
+        differs |= info[layer.layer_idx]["groups"] != info_routed[layer.layer_idx]["groups"]
+    assert differs
+    with pytest.raises(ValueError, match="features must be one of"):
+        compress.hc_smoe_model(model, obs, 3, features="mean")
 
 
 def test_ream_on_the_smoke_model_saves_reloads_and_shrinks(smoke, tmp_path):

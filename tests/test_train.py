@@ -21,6 +21,8 @@ def test_kd_loss_known_values():
     kl = torch.nn.functional.kl_div(torch.log_softmax(s / 3, -1), torch.log_softmax(t / 3, -1), log_target=True,
                                     reduction="batchmean")
     assert float(train.kd_loss(s, t, 3.0)) == pytest.approx(9 * float(kl), rel=1e-5)
+    # MC-SMoE's reference form: the same KL without the T^2 factor
+    assert float(train.kd_loss(s, t, 3.0, t2=False)) == pytest.approx(float(kl), rel=1e-5)
     with pytest.raises(ValueError, match="vocabulary"):
         train.kd_loss(torch.zeros(1, 2, 5), torch.zeros(1, 2, 6))
 
@@ -163,3 +165,14 @@ def test_gradient_checkpointing_gives_the_same_training(smoke, pruned):
 def test_recover_rejects_unknown_trainable(smoke, pruned):
     with pytest.raises(ValueError, match="trainable='adapters'"):
         train.recover(copy.deepcopy(pruned), smoke[1], steps=1, trainable="adapters")
+
+
+def test_recover_passes_the_t2_choice_to_the_kd_term(smoke, pruned):
+    """The first step sees the same student and batch: its KD term without T^2 is the one with T^2 over T^2."""
+    model, tok = smoke
+    first = {}
+    for t2 in (True, False):
+        curve = train.recover(copy.deepcopy(pruned), tok, teacher=model, steps=1, batch_size=2, seq_len=32,
+                              kd_weight=1.0, lm_weight=0.0, temperature=2.0, kd_t2=t2, warmup=1)
+        first[t2] = curve[0]["kd_loss"]
+    assert first[False] > 0 and first[True] == pytest.approx(4 * first[False], rel=1e-4)
