@@ -12,6 +12,7 @@ save had finished), and that no temporary is left. Prints one JSON line with wha
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -39,6 +40,13 @@ def main(out_dir: str, kills: int, seed: int) -> None:
     target = root / "ck"
     seen = {"kills": 0, "absent_before_recovery": 0, "temporaries_before_recovery": 0, "restored": 0,
             "found": {"A": 0, "B": 0, "absent": 0}, "errors": []}
+    # Kill delays scale with how long one save takes here, so that a slow or busy machine still sees
+    # kills before, during and after saves (a fixed window once left 10 of 40 targets never written).
+    t0 = time.perf_counter()
+    io.save_checkpoint(a, root / "timing", overwrite=True)
+    window = max(0.25, 2.5 * (time.perf_counter() - t0))
+    shutil.rmtree(root / "timing")
+    existed = False
     for i in range(kills):
         pid = os.fork()
         if pid == 0:  # the saver: fresh save or overwrite, A and B in turn, until killed
@@ -49,7 +57,7 @@ def main(out_dir: str, kills: int, seed: int) -> None:
                     k += 1
             finally:
                 os._exit(0)
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, window))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         seen["kills"] += 1
@@ -63,7 +71,10 @@ def main(out_dir: str, kills: int, seed: int) -> None:
             seen["errors"].append(f"kill {i}: left {after}")
         if not target.exists():
             seen["found"]["absent"] += 1
+            if existed:  # a checkpoint that was there is gone: the one thing a save must never do
+                seen["errors"].append(f"kill {i}: the target existed before and is gone")
             continue
+        existed = True
         try:
             state = models.load_model(target).state_dict()
         except Exception as exc:  # noqa: BLE001 - any failure to read is an incomplete checkpoint
@@ -74,6 +85,7 @@ def main(out_dir: str, kills: int, seed: int) -> None:
             seen["found"][match[0]] += 1
         else:
             seen["errors"].append(f"kill {i}: the checkpoint is neither A nor B")
+    seen["window_s"] = window
     print(json.dumps(seen))
 
 
