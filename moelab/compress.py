@@ -510,15 +510,17 @@ def mean_expert_outputs(layer: models.MoELayer, X: Tensor, gated: bool, chunk: i
 OUTPUT_MEANS = ("all_tokens", "routed")
 
 
-def _ream_mean_outputs(layer: models.MoELayer, st, outputs: str) -> Tensor | None:
-    if outputs not in OUTPUT_MEANS:
-        raise ValueError(f"outputs must be one of {OUTPUT_MEANS}, got {outputs!r}")
-    if outputs == "routed":
-        return None
+def _sampled_means(layer: models.MoELayer, st, gated: bool, option: str) -> Tensor:
+    """``mean_expert_outputs`` on the observation's input sample, or a clear error when it holds none."""
     if st.input_sample is None or st.input_sample.numel() == 0:
-        raise ValueError(f"layer {layer.layer_idx}: outputs='all_tokens' averages expert outputs over the observation's "
-                         "input sample, and it holds none: observe with sample_size > 0, or pass outputs='routed'")
-    return mean_expert_outputs(layer, st.input_sample, gated=True)
+        raise ValueError(f"layer {layer.layer_idx}: {option}='all_tokens' averages expert outputs over the observation's "
+                         f"input sample, and it holds none: observe with sample_size > 0, or pass {option}='routed'")
+    return mean_expert_outputs(layer, st.input_sample, gated=gated)
+
+
+def _check_mean_choice(value: str, option: str) -> None:
+    if value not in OUTPUT_MEANS:
+        raise ValueError(f"{option} must be one of {OUTPUT_MEANS}, got {value!r}")
 
 
 def _ream_info(groups: list[list[int]], sal: Tensor, dist: Tensor) -> dict:
@@ -566,8 +568,8 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         floats, "distance": [E, E] REAM distance}}``, statistics as seen when the layer was merged.
     """
     models.check_target(model, num_experts)
-    if outputs not in OUTPUT_MEANS:
-        raise ValueError(f"outputs must be one of {OUTPUT_MEANS}, got {outputs!r}")
+    _check_mean_choice(outputs, "outputs")
+    ybar = lambda layer, st: _sampled_means(layer, st, True, "outputs") if outputs == "all_tokens" else None  # noqa: E731
     grouping = dict(C=C, saliency=saliency, use_router=use_router, normalise=normalise)
     observing = dict(sample_size=sample_size, seed=seed, batch_size=batch_size, progress=progress)
     info = {}
@@ -576,7 +578,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
         groups, coeffs = {}, {}
         for layer in models.moe_layers(model):
             st = stats[layer.layer_idx]
-            g, sal, dist = ream_groups(st, num_experts, mean_outputs=_ream_mean_outputs(layer, st, outputs), **grouping)
+            g, sal, dist = ream_groups(st, num_experts, mean_outputs=ybar(layer, st), **grouping)
             groups[layer.layer_idx], coeffs[layer.layer_idx] = g, sal
             info[layer.layer_idx] = _ream_info(g, sal, dist)
         out = merge_model(model, groups, coeffs, align=align, samples={l: s.input_sample for l, s in stats.items()},
@@ -587,7 +589,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
 
     def edit(layer_idx, st):
         layer = by_idx[layer_idx]
-        g, sal, dist = ream_groups(st, num_experts, mean_outputs=_ream_mean_outputs(layer, st, outputs), **grouping)
+        g, sal, dist = ream_groups(st, num_experts, mean_outputs=ybar(layer, st), **grouping)
         _merge_layer_into(out, layer, g, sal, align=align, X=st.input_sample, **merge_kwargs)
         info[layer_idx] = _ream_info(g, sal, dist)
 
@@ -621,19 +623,14 @@ def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", fea
         (new model, info) with info ``{layer: {"groups": [[representative, members...], ...]}}``.
     """
     models.check_target(model, num_experts)
-    if features not in OUTPUT_MEANS:
-        raise ValueError(f"features must be one of {OUTPUT_MEANS}, got {features!r}")
+    _check_mean_choice(features, "features")
     stats = observe.layer_stats(obs, model)
     groups, coeffs = {}, {}
     for layer in models.moe_layers(model):
         st = stats[layer.layer_idx]
         freq = scores.importance(st, "frequency")
         if features == "all_tokens":
-            if st.input_sample is None or st.input_sample.numel() == 0:
-                raise ValueError(f"layer {layer.layer_idx}: HC-SMoE's features average every expert's output over the "
-                                 "observation's input sample, and it holds none: observe with sample_size > 0, or "
-                                 "pass features='routed'")
-            mean_out = mean_expert_outputs(layer, st.input_sample, gated=False)
+            mean_out = _sampled_means(layer, st, False, "features")
         else:
             if st.out_sum is None:
                 raise ValueError("HC-SMoE's routed features are the mean expert outputs: observe with outputs=True "

@@ -109,10 +109,11 @@ def parameter_values(nb, namespace: dict) -> dict:
     """{name: value} of the notebook's parameters (``parameter_names``) as ``namespace`` holds them now,
     without the paths the runner sets: what a notebook records beside its metrics, ``io.record(...,
     parameters=runner.parameter_values("02_ream", globals()))``."""
-    missing = [n for n in parameter_names(nb) if n not in namespace]
+    names = parameter_names(nb)
+    missing = [n for n in names if n not in namespace]
     if missing:
         raise ValueError(f"parameters {missing} of {nb} are not defined here; run the parameters cell first")
-    return {n: namespace[n] for n in parameter_names(nb) if n not in _RUNNER_SET}
+    return {n: namespace[n] for n in names if n not in _RUNNER_SET}
 
 
 def _type_ok(value, default) -> bool:
