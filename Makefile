@@ -29,12 +29,12 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[notebooks,test]"
-	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (moelab)" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name moelab --display-name "Python (moelab)" >/dev/null
 	@touch $(STAMP)
 
 env: $(STAMP)
 
-# Build the embedded model ahead of time (before a class: about 11 minutes on two cores, once).
+# Build the embedded model ahead of time (before a class: about a quarter of an hour on two cores, once).
 model: $(STAMP)
 	$(PY) -c "from moelab import zoo; print(zoo.build())"
 

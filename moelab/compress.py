@@ -3,26 +3,26 @@
 Each function is a short composition of the shared parts, applied to every MoE layer of a copy of
 the model, from one calibration ``Observation`` (``moelab.observe``):
 
-* ``dern_model`` (METHODS.md section 3): ``scores.importance(stats, "dern")`` picks the kept experts,
+* ``dern_model`` (DERN, arXiv 2509.10377): ``scores.importance(stats, "dern")`` picks the kept experts,
   ``merge.dern_recombine`` moves the dropped experts' segments into them, ``models.set_experts``
   writes the layer (router rows and expert-indexed tensors of the kept experts).
-* ``merge_into_nearest_model`` (METHODS.md section 4, M-SMoE with a uniform per-layer count):
+* ``merge_into_nearest_model`` (M-SMoE, arXiv 2310.01334, with a uniform per-layer count):
   ``merge.group_nearest`` on a router similarity, ``merge.merge_layer`` with weight matching and
   frequency weights.
-* ``partial_preservation_model`` (METHODS.md section 1, SlimQwen): the top p T experts kept intact,
+* ``partial_preservation_model`` (SlimQwen, arXiv 2605.08738): the top p T experts kept intact,
   the rest merged into the next (1 - p) T merge bases with importance weights; ``slim_model`` adds
   width and depth pruning (``moelab.prune``) for SlimQwen's combined student.
 * ``merge_model``: the shared last step of every merging method (groups and weights in, merged
   copy out).
-* ``naee_select`` / ``naee_model`` (METHODS.md "Baselines", NAEE / O-prune): the kept subset that
+* ``naee_select`` / ``naee_model`` (the NAEE / O-prune baseline): the kept subset that
   minimises the layer's output reconstruction error on the sampled calibration inputs
   (``LayerStats.input_sample``); exhaustive when the number of subsets allows, greedy backward
   elimination otherwise.
-* ``ream_model`` (METHODS.md section 2, REAM): ``ream_groups`` (REAP saliency, ``scores.ream_distance``,
+* ``ream_model`` (REAM, arXiv 2604.04356): ``ream_groups`` (REAP saliency, ``scores.ream_distance``,
   ``merge.group_ream``) and saliency-weighted merging with REAM's neuron alignment, layer by layer on
-  re-observed inputs (``observe.observe_sequential``) or one-shot; ``hc_smoe_model`` (METHODS.md
-  "Baselines", HC-SMoE): average-linkage clusters of mean expert outputs, frequency-weighted merge.
-* ``msmoe_model`` (METHODS.md section 4, MC-SMoE's M-SMoE): dominant experts by frequency chosen over
+  re-observed inputs (``observe.observe_sequential``) or one-shot; ``hc_smoe_model`` (the HC-SMoE
+  baseline): average-linkage clusters of mean expert outputs, frequency-weighted merge.
+* ``msmoe_model`` (MC-SMoE's M-SMoE, arXiv 2310.01334): dominant experts by frequency chosen over
   all layers (adaptive per-layer counts, saved in moelab's non-uniform form) or per layer, every other
   expert merged into its most similar dominant; ``low_rank_sparse_model`` / ``LowRankSparseExperts``
   (MC-SMoE's compression W ~ U V + S), ``densify``, ``parameter_count``, ``merged_stable_ranks`` and
@@ -62,7 +62,7 @@ def _slice_indexed(layer: models.MoELayer, idx: Sequence[int]) -> dict[str, Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# DERN (METHODS.md section 3)
+# DERN (arXiv 2509.10377)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool 
 
 
 # ---------------------------------------------------------------------------------------------
-# M-SMoE-style merging into the nearest kept expert (METHODS.md section 4)
+# M-SMoE-style merging into the nearest kept expert (MC-SMoE, arXiv 2310.01334)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
                              similarity: str = "router_logit", align: str | None = "weights"):
     """Keep the top experts per layer; merge every other expert into its most similar kept one.
 
-    M-SMoE (METHODS.md section 4) with the same count in every layer: dominant experts by
+    M-SMoE (MC-SMoE, arXiv 2310.01334) with the same count in every layer: dominant experts by
     ``criterion``, similarity of router-logit columns, members aligned to the dominant by weight
     matching, merged with the criterion's weights W = sum f_i W_i / sum f_i. The dominant's router
     row is kept.
@@ -166,7 +166,7 @@ def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[in
                 align: str | None = None, samples: Mapping[int, Tensor] | None = None, keep_router: str = "centroid",
                 **merge_kwargs):
     """Merge given expert groups in every MoE layer of a copy of ``model`` (the shared last step of
-    M-SMoE, SlimQwen's partial preservation, REAM and HC-SMoE; METHODS.md sections 1, 2, 4).
+    M-SMoE, SlimQwen's partial preservation, REAM and HC-SMoE).
 
     Each group becomes one expert: its members aligned to the group's first element (the
     representative) and averaged with weights ``coeffs`` (``merge.merge_layer``); the
@@ -213,7 +213,7 @@ def merge_model(model, groups: Mapping[int, list[list[int]]], coeffs: Mapping[in
 
 
 # ---------------------------------------------------------------------------------------------
-# SlimQwen partial-preservation merging (METHODS.md section 1)
+# SlimQwen partial-preservation merging (SlimQwen, arXiv 2605.08738)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -258,8 +258,8 @@ def partial_preservation_model(model, obs, num_experts: int, preserve_ratio: flo
 
 def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", width_ratio: float = 1.0,
                num_experts: int | None = None, criterion: str = "frequency", preserve_ratio: float = 1.0,
-               similarity: str = "router_logit"):
-    """SlimQwen's combined compression: experts, then width, then depth (METHODS.md section 1).
+               similarity: str = "router_logit", rescale: bool = True):
+    """SlimQwen's combined compression: experts, then width, then depth (SlimQwen, arXiv 2605.08738).
 
     Each step uses the one observation of the original model: experts by ``criterion`` (with
     ``preserve_ratio`` < 1 the dropped experts are merged by partial preservation), hidden channels by
@@ -273,6 +273,7 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
         width_ratio: share of hidden channels kept (1: all).
         num_experts: experts per layer afterwards (None: all; a count must be below the current one).
         criterion, preserve_ratio, similarity: the expert step (``partial_preservation_model``).
+        rescale: restore the norms' output scale after width slicing (``prune.slice_width``).
 
     Returns:
         (new model, info) with ``removed_layers``, ``channels`` (kept hidden channels or None) and the
@@ -289,7 +290,7 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
     if num_experts is not None:
         out, info["experts"] = partial_preservation_model(model, obs, num_experts, preserve_ratio, criterion, similarity)
     if width_ratio < 1:
-        out, info["channels"] = prune.slice_width(out, obs, width_ratio)
+        out, info["channels"] = prune.slice_width(out, obs, width_ratio, rescale=rescale)
     if remove_layers:
         out, info["removed_layers"] = prune.remove_layers(out, obs, remove_layers, depth_how)
     if out is model:
@@ -300,7 +301,7 @@ def slim_model(model, obs, *, remove_layers: int = 0, depth_how: str = "last", w
 
 
 # ---------------------------------------------------------------------------------------------
-# NAEE: the kept subset with the least output reconstruction error (METHODS.md "Baselines")
+# NAEE: the kept subset with the least output reconstruction error (a pruning baseline)
 # ---------------------------------------------------------------------------------------------
 
 class _SubsetRouting:
@@ -439,12 +440,12 @@ def naee_model(model, obs, num_experts: int, exhaustive_limit: int = 5000):
 
 
 # ---------------------------------------------------------------------------------------------
-# REAM (METHODS.md section 2) and the HC-SMoE baseline (METHODS.md "Baselines")
+# REAM (arXiv 2604.04356) and the HC-SMoE baseline (reference code wazenmai/HC-SMoE)
 # ---------------------------------------------------------------------------------------------
 
 def ream_groups(stats, num_experts: int, C: int = 16, saliency: str = "reap", use_router: bool = True,
                 normalise: str = "unit", mean_outputs: Tensor | None = None) -> tuple[list[list[int]], Tensor, Tensor]:
-    """REAM's grouping of one layer (METHODS.md section 2): saliency, distance, pseudo-pruning.
+    """REAM's grouping of one layer (REAM, arXiv 2604.04356): saliency, distance, pseudo-pruning.
 
     An expert never routed in calibration would get saliency 0, and so weight 0 in its group's merge.
     Like REAM's reference code, it gets the layer's smallest non-zero saliency instead (for frequency,
@@ -536,7 +537,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
                normalise: str = "unit", outputs: str = "all_tokens", align: str | None = "ream",
                sequential: bool = True, obs=None, sample_size: int = 512, seed: int = 0, batch_size: int = 8,
                progress: bool = False, **merge_kwargs):
-    """REAM on every MoE layer of a copy of ``model`` (METHODS.md section 2).
+    """REAM on every MoE layer of a copy of ``model`` (REAM, arXiv 2604.04356).
 
     Per layer: the ``num_experts`` most salient experts are centroids, each takes up to C - 1 nearest
     non-centroids (``ream_groups``); every group is merged with weights s_i / sum s after aligning its
@@ -602,7 +603,7 @@ def ream_model(model, calib, num_experts: int, *, C: int = 16, saliency: str = "
 @torch.no_grad()
 def hc_smoe_model(model, obs, num_experts: int, *, linkage: str = "average", features: str = "all_tokens",
                   align: str | None = None):
-    """HC-SMoE (METHODS.md "Baselines"): cluster experts on their mean outputs, merge each cluster by frequency.
+    """HC-SMoE (baseline; reference code wazenmai/HC-SMoE): cluster experts on their mean outputs, merge each cluster by frequency.
 
     Per layer: agglomerative clustering (``merge.group_hierarchical``, ``linkage`` average by default,
     Euclidean) of each expert's mean un-gated output into ``num_experts`` clusters; each cluster is
@@ -679,12 +680,12 @@ def routing_mass_by_role(stats, groups: list[list[int]]) -> dict[str, dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# MC-SMoE (METHODS.md section 4): adaptive M-SMoE merging, then low rank + sparse experts
+# MC-SMoE (arXiv 2310.01334): adaptive M-SMoE merging, then low rank + sparse experts
 # ---------------------------------------------------------------------------------------------
 
 def msmoe_groups(model, obs, total: int, *, adaptive: bool = True, criterion: str = "frequency",
                  similarity: str = "router_logit", min_per_layer: int | None = None):
-    """M-SMoE's dominant experts and groups for every MoE layer (METHODS.md section 4).
+    """M-SMoE's dominant experts and groups for every MoE layer (MC-SMoE, arXiv 2310.01334).
 
     Dominant experts are the most used (``criterion``, frequency in the paper): with ``adaptive`` chosen
     over all layers together (``scores.global_dominant``: each layer's top ``min_per_layer`` are forced,
@@ -750,7 +751,7 @@ def msmoe_total(model, reduction: float) -> int:
 @torch.no_grad()
 def msmoe_model(model, obs, total: int, *, adaptive: bool = True, criterion: str = "frequency",
                 similarity: str = "router_logit", align: str | None = "weights", min_per_layer: int | None = None):
-    """M-SMoE on a copy of ``model``: ``msmoe_groups`` then frequency-weighted merging (METHODS.md section 4).
+    """M-SMoE on a copy of ``model``: ``msmoe_groups`` then frequency-weighted merging (MC-SMoE, arXiv 2310.01334).
 
     Members are aligned to their dominant (``align``: None, ``"weights"`` = weight matching as in the
     paper, ``"activations"``, ``"ream"``) and merged as W = sum f_i W_i / sum f_i; the dominant's router
@@ -800,7 +801,7 @@ _MATRICES = ("gate", "up", "down")
 
 
 class LowRankSparseExperts(torch.nn.Module):
-    """A MoE layer's routed experts stored as W ~ U V + S (MC-SMoE's compression, METHODS.md section 4).
+    """A MoE layer's routed experts stored as W ~ U V + S (MC-SMoE's compression, arXiv 2310.01334).
 
     For every expert and each of its matrices (gate, up ``[I, H]``, down ``[H, I]``): ``U_<m>`` ``[E, rows, r]``,
     ``V_<m>`` ``[E, r, cols]`` and the sparse residual as its kept entries only: values ``S_<m>`` ``[E, k]``

@@ -1361,6 +1361,28 @@ def clearly_better(a, b, metric: str = "bits_per_byte", z: float = 2.0) -> bool:
     return bool((-d["z"] if metric == "bits_per_byte" else d["z"]) > z)
 
 
+def paired_views(a, b, views) -> dict:
+    """``paired_difference`` of ``a`` minus ``b`` seen several ways: metrics, and task subsets.
+
+    A notebook compares two variants on bits per byte over every text, on the math and code text
+    alone, on MC and on GEN; one call gives them all, paired unit by unit as ``paired_difference``.
+
+    Args:
+        a, b: tables from ``evaluate`` scored on the same tasks.
+        views: name -> ``(metric, tasks)``, where ``tasks`` is a task name or names (``select_tasks``)
+            or None for every task of the metric's kind.
+
+    Returns:
+        dict with ``"<name> diff"`` and ``"<name> z"`` for each view, in the order given.
+    """
+    out = {}
+    for name, (metric, tasks) in views.items():
+        ta, tb = (a, b) if tasks is None else (select_tasks(a, tasks), select_tasks(b, tasks))
+        d = paired_difference(ta, tb, metric)
+        out[f"{name} diff"], out[f"{name} z"] = d["diff"], d["z"]
+    return out
+
+
 def clearly_lower(a: float, b: float, stderr: float, z: float = 2.0) -> bool:
     """True when ``a`` is below ``b`` by more than ``z`` standard errors of their difference.
 
@@ -1401,7 +1423,7 @@ def pareto_front(x, y, maximize=(True, True)) -> np.ndarray:
     """Which points are Pareto-optimal: no other point is at least as good on both axes and better on one.
 
     Args:
-        x, y: the two scores of each point (e.g. MC and GEN of each calibration mix, METHODS.md section 2).
+        x, y: the two scores of each point (e.g. MC and GEN of each calibration mix, REAM, arXiv 2604.04356).
         maximize: per axis, whether larger is better (False for bits per byte).
 
     Returns:

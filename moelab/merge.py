@@ -7,7 +7,7 @@ A neuron (a "segment" in DERN) n of an expert is (row n of gate, row n of up, co
 its biases gate_bias[n], up_bias[n]; the expert output is the sum of its neurons' contributions, so
 reordering neurons changes nothing (``permute_neurons``) and merging must first match neurons.
 
-Sections of ../shared/METHODS.md served here:
+The papers served here:
 
 * alignment by Hungarian matching: weight matching (MC-SMoE, section 4), activation matching and
   REAM's activation + PCA-feature cost (section 2);
@@ -200,7 +200,7 @@ def _unit_rows(m: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def align_weights(ref: Mapping[str, Tensor], other: Mapping[str, Tensor], cost: str = "dot") -> Tensor:
-    """MC-SMoE weight matching (METHODS.md section 4): match ``other``'s neurons to ``ref``'s.
+    """MC-SMoE weight matching (MC-SMoE, arXiv 2310.01334): match ``other``'s neurons to ``ref``'s.
 
     Features per neuron are [gate row | up row | down column (| biases)] (``neuron_features``).
 
@@ -232,7 +232,7 @@ def _unit_columns(acts: Tensor, center: bool) -> Tensor:
 
 
 def align_activations(ref_acts: Tensor, other_acts: Tensor, center: bool = False) -> Tensor:
-    """Activation matching (METHODS.md section 2): neurons that fire alike on shared tokens are matched.
+    """Activation matching (REAM, arXiv 2604.04356): neurons that fire alike on shared tokens are matched.
 
     Cost: Euclidean distance between neuron activation vectors over the n tokens, each scaled to unit
     norm (so only the pattern counts, not the scale).
@@ -290,7 +290,7 @@ def _randomized_scores(Xc: Tensor, dims: int, oversample: int = 16, iters: int =
 
 def align_ream(ref: Mapping[str, Tensor], other: Mapping[str, Tensor], ref_acts: Tensor, other_acts: Tensor,
                pca_dims: int = 64, feature_weight: float = 1.0) -> Tensor:
-    """REAM's alignment cost (METHODS.md section 2): activation distance + PCA weight-feature distance.
+    """REAM's alignment cost (REAM, arXiv 2604.04356): activation distance + PCA weight-feature distance.
 
     cost_ij = || a_i - b_j || + feature_weight * || p_i - q_j ||, with a, b the unit-normalised neuron
     activations (as in ``align_activations``) and p, q the [gate | up | down] features of both experts
@@ -323,7 +323,7 @@ def merge_experts(weights: Mapping[str, Tensor], members: list[int], coeffs: Ten
                   weight_cost: str = "dot", pca_dims: int = 64, feature_weight: float = 1.0) -> dict[str, Tensor]:
     """Merge a group of experts into one: align each member to ``ref``, then W = sum c_i W_i / sum c_i.
 
-    METHODS.md sections 1 (importance weights), 2 (saliency weights, REAM alignment) and 4 (frequency
+    SlimQwen (importance weights), REAM (saliency weights, its alignment) and MC-SMoE (frequency
     weights, weight matching). Biases are averaged the same way. If every coefficient is 0 (a group the
     router never chose) the members are averaged uniformly.
 
@@ -403,10 +403,10 @@ def _check_groups(groups: list[list[int]], E: int) -> list[list[int]]:
 def merge_layer(weights: Mapping[str, Tensor], router_weight: Tensor, groups: list[list[int]], coeffs: Tensor,
                 align: str | None = "weights", X: Tensor | None = None, keep_router: str = "centroid",
                 act: Callable = F.silu, **merge_kwargs) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Merge a layer's experts group by group (METHODS.md sections 1, 2, 4; HC-SMoE baseline).
+    """Merge a layer's experts group by group (SlimQwen, REAM, MC-SMoE; the HC-SMoE baseline).
 
     Each group's first element is its representative (centroid / dominant / base): members are aligned
-    to it and, with ``keep_router="centroid"``, its router row is the merged expert's row (METHODS.md:
+    to it and, with ``keep_router="centroid"``, its router row is the merged expert's row (the papers
     keep the centroids' / bases' router rows). Experts in no group are dropped.
 
     Args:
@@ -451,7 +451,7 @@ def merge_layer(weights: Mapping[str, Tensor], router_weight: Tensor, groups: li
 # ---------------------------------------------------------------------------------------------
 
 def group_nearest(keep: list[int], sim: Tensor, max_group: int | None = None) -> list[list[int]]:
-    """Every expert not in ``keep`` joins its most similar kept expert (MC-SMoE, SlimQwen; METHODS.md 1, 4).
+    """Every expert not in ``keep`` joins its most similar kept expert (MC-SMoE, SlimQwen).
 
     Args:
         keep: the kept (dominant / base) experts; the groups follow this order.
@@ -489,7 +489,7 @@ def group_nearest(keep: list[int], sim: Tensor, max_group: int | None = None) ->
 
 
 def group_ream(saliency: Tensor, dist: Tensor, n_centroids: int, C: int = 16) -> list[list[int]]:
-    """REAM pseudo-pruning (METHODS.md section 2).
+    """REAM pseudo-pruning (REAM, arXiv 2604.04356).
 
     The ``n_centroids`` most salient experts are centroids. Visiting centroids in descending saliency,
     each takes its C - 1 nearest still-unassigned non-centroids (ties to the lower index); experts
@@ -529,7 +529,7 @@ def group_ream(saliency: Tensor, dist: Tensor, n_centroids: int, C: int = 16) ->
 
 def group_hierarchical(features: Tensor, n_groups: int, linkage: str = "average", metric: str = "euclidean",
                        frequency: Tensor | None = None) -> list[list[int]]:
-    """HC-SMoE: agglomerative clustering of experts on mean outputs (METHODS.md "Baselines").
+    """HC-SMoE: agglomerative clustering of experts on mean outputs (baseline; reference code wazenmai/HC-SMoE).
 
     Args:
         features: [E, D] per-expert features (mean outputs: ``out_sum / counts``).
@@ -570,7 +570,7 @@ def group_hierarchical(features: Tensor, n_groups: int, linkage: str = "average"
 
 def partial_preservation_groups(importance: Tensor, sim: Tensor, target: int,
                                 preserve_ratio: float = 0.5) -> list[list[int]]:
-    """SlimQwen partial-preservation grouping (METHODS.md section 1).
+    """SlimQwen partial-preservation grouping (SlimQwen, arXiv 2605.08738).
 
     The top round(p T) experts by importance are preserved unchanged (singletons that absorb nothing);
     the next T - round(p T) are merge bases; every other expert joins its most similar base. p = 1 is
@@ -610,7 +610,7 @@ def partial_preservation_groups(importance: Tensor, sim: Tensor, target: int,
 
 def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None = None,
                     sparse_out: bool = False) -> tuple[Tensor, ...]:
-    """MC-SMoE's W ~ U V + S (METHODS.md section 4): truncated SVD plus a sparse residual.
+    """MC-SMoE's W ~ U V + S (MC-SMoE, arXiv 2310.01334): truncated SVD plus a sparse residual.
 
     U V is the best rank-r approximation (singular values split as sqrt between U and V). The residual
     R = W - U V keeps its (1 - sparsity) fraction of entries with the largest |R| (or the largest
@@ -652,7 +652,7 @@ def low_rank_sparse(W: Tensor, rank: int, sparsity: float, scores: Tensor | None
 
 
 def stable_rank(W: Tensor) -> float:
-    """Stable rank ||W||_F^2 / ||W||_2^2 (METHODS.md section 4; 0 for a zero matrix)."""
+    """Stable rank ||W||_F^2 / ||W||_2^2 (MC-SMoE, arXiv 2310.01334; 0 for a zero matrix)."""
     Wf = W.to(_work_dtype(W))
     spec = torch.linalg.matrix_norm(Wf, ord=2)
     if spec == 0:
@@ -661,7 +661,7 @@ def stable_rank(W: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# DERN (METHODS.md section 3)
+# DERN (arXiv 2509.10377)
 # ---------------------------------------------------------------------------------------------
 
 def segments(weights: Mapping[str, Tensor], e: int, use_gate: bool = True) -> Tensor:
@@ -731,7 +731,7 @@ def _distinct_init(units: Tensor, order: list[int], k: int, tol: float = 1e-6) -
 
 def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: str = "max_gate", iters: int = 30,
                               seed: int = 0, gate_dim: int | None = None) -> tuple[Tensor, Tensor]:
-    """DERN step 3: weighted spherical k-means over segments (METHODS.md section 3).
+    """DERN step 3: weighted spherical k-means over segments (DERN, arXiv 2509.10377).
 
     Points are assigned by cosine to the centroid directions; a direction is the weighted sum of its
     members' unit vectors. The returned centroid equalises norms inside the cluster: it points along the
@@ -813,7 +813,7 @@ def weighted_spherical_kmeans(vectors: Tensor, weights: Tensor, k: int, init: st
 def dern_recombine(weights: Mapping[str, Tensor], kept: list[int], dropped: list[int], importance: Tensor,
                    alpha: float = 0.6, use_gate: bool = False, init: str = "max_gate", iters: int = 30,
                    seed: int = 0, weighted: bool = True) -> dict[str, Tensor]:
-    """DERN (METHODS.md section 3): drop experts, move their segments into kept experts, restore width I.
+    """DERN (arXiv 2509.10377): drop experts, move their segments into kept experts, restore width I.
 
     Dropped segments go to kept experts by ``assign_segments``; each kept expert that received any
     clusters its own plus received segments back to I with ``weighted_spherical_kmeans`` (weights:

@@ -18,7 +18,7 @@ and device, update every cached count (module attributes, ``nn.Linear`` features
 and are checked against a reference model built on the meta device from the edited config, so that
 ``save_pretrained`` + ``from_pretrained`` rebuild exactly the edited model.
 
-Per-layer expert counts (MC-SMoE's adaptive merging, METHODS.md section 4). A transformers config
+Per-layer expert counts (MC-SMoE's adaptive merging, MC-SMoE, arXiv 2310.01334). A transformers config
 holds one routed-expert count for all layers, so a model whose MoE layers keep different counts
 cannot be rebuilt by ``from_pretrained`` (it fails on the shape mismatch, and with
 ``ignore_mismatched_sizes=True`` it silently re-initialises the mismatched experts). moelab writes such
@@ -1504,6 +1504,65 @@ def _hidden_config(model: nn.Module, new_H: int):
     return cfg
 
 
+def residual_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """The norms whose width is the hidden size, by qualified name (``layers.3.input_layernorm``,
+    ``norm``): the ones ``slice_hidden`` slices. Names stay the same after slicing.
+
+    Raises:
+        UnsupportedModelError: a family whose residual stream moelab cannot map (as ``slice_hidden``).
+    """
+    return {q: m for q, m, action in _plan_hidden_slice(model, model.config.hidden_size) if action == "norm"}
+
+
+def _norm_form(norm: nn.Module) -> str:
+    """How a norm applies its weight: ``"scale"`` (w * x_hat, as Llama, Qwen3-MoE, Mixtral) or
+    ``"offset"`` ((1 + w) * x_hat, as Qwen3-Next), told apart by running a CPU copy with a zero weight."""
+    probe = copy.deepcopy(norm)
+    try:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(probe)
+    except ImportError:
+        pass
+    width = norm.weight.shape[0]
+    probe = probe.to_empty(device="cpu").float()
+    with torch.no_grad():
+        for pname in ("weight", "bias"):
+            if isinstance(getattr(probe, pname, None), Tensor):
+                getattr(probe, pname).zero_()
+        y = probe(torch.randn(4, width, generator=torch.Generator().manual_seed(0)))
+    if torch.all(y == 0):
+        return "scale"
+    if torch.allclose(y.pow(2).mean(-1), torch.ones(4), rtol=1e-2):
+        return "offset"
+    raise UnsupportedModelError(f"{type(norm).__name__} applies its weight neither as w * x_hat nor as (1 + w) * x_hat; "
+                                "moelab cannot rescale its output through the weight")
+
+
+@torch.no_grad()
+def scale_norm_outputs(model: nn.Module, factors: Mapping[str, float]) -> None:
+    """Multiply the output of residual norms by a factor each, through their weights (new tensors, so a
+    ``variant``'s original is untouched): w becomes f w, or f (1 + w) - 1 for norms that apply 1 + w.
+    A bias (LayerNorm) scales with the weight.
+
+    Args:
+        model: the model whose norms are scaled (``residual_norms`` names them).
+        factors: qualified norm name -> factor.
+    """
+    _ensure_editable(model)
+    norms = residual_norms(model)
+    unknown = sorted(set(factors) - set(norms))
+    if unknown:
+        raise ValueError(f"scale_norm_outputs: no residual norm named {unknown}; the model has {sorted(norms)}")
+    for name, f in factors.items():
+        norm = norms[name]
+        w = norm.weight
+        wf = w.float()
+        _replace(norm, "weight", wf * f if _norm_form(norm) == "scale" else (1 + wf) * f - 1)
+        if isinstance(getattr(norm, "bias", None), Tensor):
+            _replace(norm, "bias", norm.bias.float() * f)
+
+
 @torch.no_grad()
 def slice_hidden(model: nn.Module, channels: Tensor, *, allow_unaligned: bool = False) -> None:
     """Keep hidden channels ``channels`` everywhere the residual stream is read or written.
@@ -1556,7 +1615,7 @@ _SPARSE_PATTERN_FIELDS = ("decoder_sparse_step", "first_k_dense_replace", "moe_l
 
 
 def remove_layers(model: nn.Module, layers: Sequence[int]) -> None:
-    """Remove whole decoder layers in place (SlimQwen depth pruning; METHODS.md section 1).
+    """Remove whole decoder layers in place (SlimQwen depth pruning; SlimQwen, arXiv 2605.08738).
 
     The remaining layers are renumbered (attention ``layer_idx``, so KV caches index them right) and
     the config follows: ``num_hidden_layers``, per-layer lists such as ``layer_types`` and

@@ -1,6 +1,6 @@
 """One calibration pass that collects every statistic the compression methods need.
 
-Per MoE layer (see ../shared/METHODS.md, "Expert importance criteria"):
+Per MoE layer (the importance criteria of ``moelab.scores``):
 
 * ``counts[e]``: |X_e|, the tokens whose top-k contains e (and ``counts_by_group`` per domain);
 * ``soft_mass[e]``: sum over all tokens of g_e(x) (softmax or sigmoid over all experts, the
@@ -19,6 +19,11 @@ Per MoE layer (see ../shared/METHODS.md, "Expert importance criteria"):
 
 Per decoder layer: ``layer_cos``, the mean cosine between its input and output hidden states
 (SlimQwen depth pruning).
+
+Per residual norm (``models.residual_norms``): ``norm_energy[name]`` [H], the mean over tokens of
+x_c^2 / mean_c'(x_c'^2) of the norm's input (centred first for a LayerNorm). Slicing the hidden width
+to channels K changes the norm's denominator by sqrt(mean_{c in K} norm_energy[c]) on average;
+``prune.slice_width`` divides that out.
 
 Expert outputs are never recomputed: moelab's experts kernel (moelab.kernels) hands each expert's
 activations and outputs to a recorder as it computes them, only for the (token, expert) pairs the
@@ -72,7 +77,7 @@ class LayerStats:
 
     @property
     def frequency(self) -> torch.Tensor:
-        """freq_e = |X_e| / (K T) (METHODS.md, frequency criterion)."""
+        """freq_e = |X_e| / (K T) (the frequency criterion of MC-SMoE and REAP)."""
         return self.counts / max(1, self.top_k * self.tokens)
 
     def group_share(self) -> tuple[list, torch.Tensor]:
@@ -106,6 +111,7 @@ class Observation:
     groups: list
     model_key: dict | None = None  # {layer: what identifies the observed layer}, see ``model_key``
     calibration: dict | None = None  # what identifies the calibration set, see ``calibration_identity``
+    norm_energy: dict | None = None  # {residual norm name: [H] mean normalised input energy}; None if not observed
 
     def __getitem__(self, layer: int) -> LayerStats:
         return self.layers[layer]
@@ -138,6 +144,10 @@ class Observation:
                         f"observation of layer {idx}: statistic {name!r} holds NaN or Inf; check the model's "
                         "weights (moelab.io.check_finite) and that the calibration rows are valid token ids"
                     )
+        for name, val in (self.norm_energy or {}).items():
+            if not torch.isfinite(val).all():
+                raise FloatingPointError(f"observation of norm {name!r}: its input energy holds NaN or Inf; check the "
+                                         "model's weights (moelab.io.check_finite)")
 
 
 def layer_stats(obs, model=None):
@@ -259,11 +269,39 @@ class _StopForward(Exception):
     pass
 
 
+def _norm_hooks(model, energy: dict, batch_state: dict) -> list:
+    """Pre-hooks on every residual norm adding up x_c^2 / mean(x^2) of its valid input tokens into
+    ``energy[name] = [sum [H] float64, tokens]``; none for a family whose norms moelab cannot map."""
+    try:
+        norms = models.residual_norms(model)
+    except models.UnsupportedModelError:
+        return []
+    handles = []
+    for name, norm in norms.items():
+        centred = isinstance(norm, torch.nn.LayerNorm) or isinstance(getattr(norm, "bias", None), torch.Tensor)
+
+        def pre(mod, args, kwargs, name=name, centred=centred):
+            x = args[0] if args else kwargs["hidden_states"]
+            z = x.reshape(-1, x.shape[-1]).float()
+            if not batch_state["all_valid"]:
+                z = z[batch_state["valid"].to(z.device)]
+            if centred:
+                z = z - z.mean(-1, keepdim=True)
+            sq = z.pow(2)
+            ratio = sq / sq.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            acc = energy.setdefault(name, [torch.zeros(z.shape[-1], dtype=torch.float64), 0])
+            acc[0] += ratio.sum(0).double().cpu()
+            acc[1] += z.shape[0]
+        handles.append(norm.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
 @contextmanager
 def _observing(model, recorders: dict, layer_cos: dict | None, stop_after: int | None, batch_state: dict,
-               cosines: bool = True):
-    """Install the block pre-hooks, kernel recorders and (unless ``layer_cos`` is None) decoder-layer hooks."""
-    handles = []
+               cosines: bool = True, norm_energy: dict | None = None):
+    """Install the block pre-hooks, kernel recorders, (unless ``layer_cos`` is None) decoder-layer hooks
+    and (with ``norm_energy``) the residual norms' pre-hooks."""
+    handles = [] if norm_energy is None else _norm_hooks(model, norm_energy, batch_state)
     previous_impl = model.config._experts_implementation
     kernels.use_sorted_kernel(model)
     try:
@@ -369,7 +407,8 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     state = {"valid": None, "all_valid": True, "group": None}
     was_training = model.training
     model.eval()
-    with _observing(model, recorders, layer_cos, stop_after, state, cosines):
+    energy = {} if layers is None else None  # the norms' statistics come from a pass over the whole model
+    with _observing(model, recorders, layer_cos, stop_after, state, cosines, energy):
         for i in tqdm(range(0, len(ids), batch_size), desc="observing", disable=not progress, mininterval=2):
             x, m = ids[i:i + batch_size], mask[i:i + batch_size]
             _batch_state(state, m, groups, group_names, i, batch_size, device)
@@ -381,7 +420,8 @@ def observe(model, dataset, *, batch_size: int = 8, sample_size: int = 512, laye
     out = Observation(layers={k: r.finish() for k, r in recorders.items()},
                       layer_cos={k: s / max(1, n) for k, (s, n) in sorted(layer_cos.items())},
                       tokens=n_valid, groups=group_names, model_key=model_key(model, recorders),
-                      calibration=calibration_identity(dataset))
+                      calibration=calibration_identity(dataset),
+                      norm_energy=None if not energy else {k: s / max(1, n) for k, (s, n) in energy.items()})
     out.check_finite()
     return out
 
@@ -543,7 +583,7 @@ def _replay(model, dataset, edit, *, batch_size: int, sample_size: int, seed: in
 # ---------------------------------------------------------------------------------------------
 # Observe once, compress many times: an observation on disk
 # ---------------------------------------------------------------------------------------------
-OBSERVATION_FORMAT = "moelab-observation/1"
+OBSERVATION_FORMAT = "moelab-observation/2"  # 2: with the residual norms' input energy
 _SCALARS = ("layer", "num_experts", "top_k", "tokens")
 
 
@@ -594,6 +634,8 @@ def save(obs: Observation, path, *, model=None, dataset=None, extra: dict | None
             tensors[f"layers.{idx}.counts_by_group.{g}"] = val.detach().cpu().contiguous()
         rec["groups"] = sorted(st.counts_by_group)
         layers[str(idx)] = rec
+    for name, val in (obs.norm_energy or {}).items():
+        tensors[f"norms.{name}"] = val.detach().cpu().contiguous()
     meta = {"format": OBSERVATION_FORMAT, "moelab": getattr(moelab, "__version__", None), "tokens": obs.tokens,
             "groups": obs.groups, "layer_cos": {str(k): float(v) for k, v in obs.layer_cos.items()},
             "model_key": {str(k): v for k, v in (obs.model_key or {}).items()}, "layers": layers,
@@ -645,7 +687,8 @@ def load(path, model=None) -> Observation:
     obs = Observation(layers=layers, layer_cos={int(k): v for k, v in meta["layer_cos"].items()},
                       tokens=meta["tokens"], groups=meta["groups"],
                       model_key={int(k): v for k, v in meta["model_key"].items()} or None,
-                      calibration=meta.get("calibration"))
+                      calibration=meta.get("calibration"),
+                      norm_energy={k[len("norms."):]: t for k, t in tensors.items() if k.startswith("norms.")} or None)
     if model is not None:
         obs.check_model(model)
     return obs

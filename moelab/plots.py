@@ -108,7 +108,7 @@ def pareto_scatter(df, *, x: str, y: str, hue: str, label: str | None = None, ma
                    ylabel: str | None = None, ax=None):
     """Scatter of two scores per point with each ``hue`` group's Pareto frontier drawn as a line.
 
-    Notebook 02 (REAM, METHODS.md section 2): MC against GEN, one point per calibration mix.
+    Notebook 02 (REAM, REAM, arXiv 2604.04356): MC against GEN, one point per calibration mix.
 
     Args:
         df: tidy table, one row per point.
@@ -147,7 +147,7 @@ def pareto_scatter(df, *, x: str, y: str, hue: str, label: str | None = None, ma
 def expert_groups(saliency, groups, *, title: str = "", ylabel: str = "saliency"):
     """One layer's experts by descending saliency, coloured by their part in a grouping.
 
-    Notebook 02 (REAM's pseudo-pruning, METHODS.md section 2): centroids alone, centroids that absorb
+    Notebook 02 (REAM's pseudo-pruning, REAM, arXiv 2604.04356): centroids alone, centroids that absorb
     members, experts merged into a centroid (labelled with it) and dropped experts.
 
     Args:

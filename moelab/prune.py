@@ -44,7 +44,7 @@ def keep_by_importance(obs, criterion: str, num_experts: int, seed: int = 0) -> 
 
 def prune(model, obs, criterion: str = "frequency", *, num_experts: int | None = None,
           keep_ratio: float | None = None, seed: int = 0, inplace: bool = False):
-    """Prune every MoE layer to its top experts by ``criterion`` (METHODS.md, expert importance).
+    """Prune every MoE layer to its top experts by ``criterion`` (one of the importance criteria of ``moelab.scores``).
 
     Args:
         model: the model (copied first unless ``inplace``).
@@ -111,7 +111,7 @@ def mean_overlap(kept_a: dict, kept_b: dict) -> float:
 
 # ----------------------------------------------------------------------------- depth and width (SlimQwen)
 def layers_to_remove(obs, num_layers: int, how: str = "last", total: int | None = None) -> list[int]:
-    """Which decoder layers SlimQwen's depth pruning removes (METHODS.md section 1).
+    """Which decoder layers SlimQwen's depth pruning removes (SlimQwen, arXiv 2605.08738).
 
     Args:
         obs: an ``Observation`` (its ``layer_cos``: mean cosine between each decoder layer's input and
@@ -154,7 +154,7 @@ def remove_layers(model, obs, num_layers: int, how: str = "last"):
 
 def channel_importance(obs) -> torch.Tensor:
     """Per hidden channel, mean |activation| of the normalised hidden states entering each MoE layer,
-    summed over layers (SlimQwen's width criterion; METHODS.md section 1). Shape [H]."""
+    summed over layers (SlimQwen's width criterion; SlimQwen, arXiv 2605.08738). Shape [H]."""
     layers = observe.layer_stats(obs)
     return sum(st.hidden_abs_sum / max(1, st.tokens) for st in layers.values())
 
@@ -175,9 +175,30 @@ def keep_channels(obs, num_channels: int, how: str = "activation", seed: int = 0
     return idx.sort().values
 
 
-def slice_width(model, obs, keep_ratio: float, how: str = "activation", seed: int = 0):
+def norm_factors(obs, channels) -> dict[str, float]:
+    """Per residual norm, sqrt(mean over the kept ``channels`` of ``obs.norm_energy``): on average how
+    much a norm's denominator grows when only those channels are left (>1 when they carry more than
+    their share of the energy, as activation-ranked channels do; about 1 for a random choice).
+
+    Raises:
+        ValueError: an observation without the norms' statistics (saved before they existed, or made
+            with ``observe(layers=...)``).
+    """
+    if not obs.norm_energy:
+        raise ValueError("this observation holds no residual-norm statistics (an older file, or observe(layers=...)); "
+                         "observe the whole model again (moelab.observe.observe), or slice with rescale=False")
+    idx = torch.as_tensor(channels, dtype=torch.long)
+    return {name: float(e[idx].mean().sqrt()) for name, e in obs.norm_energy.items()}
+
+
+def slice_width(model, obs, keep_ratio: float, how: str = "activation", seed: int = 0, rescale: bool = True):
     """A copy of ``model`` keeping ``keep_ratio`` of its hidden channels everywhere (embeddings, norms,
     attention, router, experts, head; ``models.slice_hidden``).
+
+    A norm over fewer channels divides by their root mean square alone. Channels kept for their large
+    activations carry more than their share of it, so every norm output would shrink, which random
+    channels escape: with ``rescale`` each norm's output is multiplied back by ``norm_factors`` from
+    the calibration pass, so the kept channels see, on average, the values they had in the full model. The paper does not say whether it rescales.
 
     Returns:
         (sliced copy, kept channel indices).
@@ -186,6 +207,9 @@ def slice_width(model, obs, keep_ratio: float, how: str = "activation", seed: in
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
     H = model.config.hidden_size
     idx = keep_channels(obs, max(1, int(round(H * keep_ratio))), how, seed)
+    factors = norm_factors(obs, idx) if rescale else None
     out = models.variant(model)
     models.slice_hidden(out, idx)
+    if factors:
+        models.scale_norm_outputs(out, factors)
     return out, idx

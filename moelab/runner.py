@@ -36,6 +36,15 @@ EXECUTED = ROOT / "executed"  # the published run's executed notebooks (committe
 PRESETS = ("full", "smoke", "paper")
 PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
 _RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
+KERNEL = "moelab"  # the Jupyter kernel `make env` registers in the venv (the notebooks' kernelspec)
+
+
+def kernel_name() -> str:
+    """The kernel to execute notebooks with: moelab's own when it is registered (``make env``), else
+    ``python3``, which Jupyter resolves to the interpreter running this (a venv set up by hand)."""
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    return KERNEL if KERNEL in find_kernel_specs() else "python3"
 
 
 def notebooks(only=None) -> list[Path]:
@@ -249,14 +258,14 @@ def run(preset: str = "full", only=None, out_root: Path | None = None, progress:
     io.write_json_atomic(out_root / "run.json", {"preset": preset, "overrides": overrides, "published": published,
                                                  "figures": str(figures), "git_revision": io.git_revision(),
                                                  "notebooks": {nb.stem: p for nb, p in plan.items()}})
-    timings, failed = {}, {}
+    timings, failed, kernel = {}, {}, kernel_name()
     for nb, params in plan.items():
         print(f"== {nb.name} ({preset}{', ' + ', '.join(f'{k}={v}' for k, v in overrides.items()) if overrides else ''})",
               flush=True)
         t0 = time.time()
         try:
             pm.execute_notebook(str(nb), str(executed / nb.name), parameters=params, cwd=str(NOTEBOOKS),
-                                progress_bar=progress, kernel_name="python3", log_output=False)
+                                progress_bar=progress, kernel_name=kernel, log_output=False)
         except pm.PapermillExecutionError as err:
             failed[nb.stem] = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {executed / nb.name})"
             print(f"   FAILED after {time.time() - t0:.0f} s: {failed[nb.stem]}", flush=True)
@@ -273,10 +282,45 @@ def run(preset: str = "full", only=None, out_root: Path | None = None, progress:
     summary = write_summary(out_root, [nb.stem for nb in notebooks()], timings, failed)
     print(f"summary: {summary}")
     if published:
-        publish_executed(summary)
+        publish_summary(summary)
     if failed:
         raise NotebookFailed("notebook(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return out_root
+
+
+NOT_RUN = "not run in this run directory yet"
+
+
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """A summary page split into its head and its sections by notebook stem (``## stem`` and body)."""
+    head, out, stem = "", {}, None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            stem = line[3:].strip()
+            out[stem] = ""
+        if stem is None:
+            head += line
+        else:
+            out[stem] += line
+    return head, out
+
+
+def publish_summary(summary: Path) -> Path:
+    """Publish a run's summary to ``executed/SUMMARY.md``, keeping the published sections of the
+    notebooks this run directory holds no result for: a run of one notebook on a fresh clone updates
+    its own section, and the others stay as their executed copies are."""
+    import os
+
+    target = EXECUTED / "SUMMARY.md"
+    _, old = _sections(target.read_text()) if target.exists() else ("", {})
+    head, new = _sections(Path(summary).read_text())
+    keep = lambda stem, body: stem in old and NOT_RUN in body and NOT_RUN not in old[stem]
+    body = [(old[stem] if keep(stem, part) else part).rstrip("\n") + "\n" for stem, part in new.items()]
+    EXECUTED.mkdir(exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(head + "\n".join(body))
+    os.replace(tmp, target)
+    return target
 
 
 def publish_executed(path: Path) -> Path:
@@ -319,7 +363,7 @@ def write_summary(out_root: Path, stems: list[str], timings: dict | None = None,
             lines += ["", f"**FAILED** in this run: {failed[stem]}", ""]
             continue
         if not path.exists():
-            lines += ["", "not run in this run directory yet", ""]
+            lines += ["", NOT_RUN, ""]
             continue
         rec = json.loads(path.read_text())
         head = rec.get("metrics", {}).get("headline") or {

@@ -1,6 +1,6 @@
 """Expert importance, expert similarity and expert selection, all read off one ``LayerStats``.
 
-Every criterion of ../shared/METHODS.md ("Expert importance criteria") and every similarity the
+Every expert importance criterion the papers use and every similarity the
 papers use is defined once here, so REAP saliency or the router-logit cosine mean the same thing in
 every notebook. Inputs are the per-layer sums of ``moelab.observe.LayerStats``; outputs are float64
 tensors indexed by expert.
@@ -8,9 +8,9 @@ tensors indexed by expert.
 * importance: ``importance(stats, "reap")`` dispatches through ``CRITERIA``, a registry that refuses
   duplicate names.
 * similarity: ``similarity(stats, "router_logit")`` dispatches through ``SIMILARITIES``;
-  ``ream_distance`` gives REAM's distance (METHODS.md section 2).
+  ``ream_distance`` gives REAM's distance (REAM, arXiv 2604.04356).
 * selection: ``select_top`` (per layer), ``global_dominant`` (MC-SMoE's global count with each
-  layer's most-used expert forced, METHODS.md section 4) and ``uniform_per_layer``.
+  layer's most-used expert forced, MC-SMoE, arXiv 2310.01334) and ``uniform_per_layer``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Importance criteria (METHODS.md "Expert importance criteria")
+# Importance criteria (frequency, REAP saliency, gate-weighted norms: shared by every paper)
 # ---------------------------------------------------------------------------------------------
 
 @register_criterion("frequency")
@@ -130,7 +130,7 @@ def _random(stats: LayerStats, seed: int = 0, **_) -> Tensor:
 
 
 def importance(stats: LayerStats, criterion: str, *, seed: int = 0) -> Tensor:
-    """Per-expert importance of one layer (METHODS.md "Expert importance criteria").
+    """Per-expert importance of one layer (the criteria every paper shares, listed in this module's docstring).
 
     Criteria (see ``CRITERIA``): ``frequency`` = counts / (K T); ``soft_logit`` = soft_mass / T;
     ``soft_logit_routed`` = soft_mass_routed / T; ``reap`` = reap_sum / counts (REAP saliency, mean over
@@ -184,7 +184,7 @@ def router_logit_cosine(stats: LayerStats, **_) -> Tensor:
 
 @register_similarity("router_logit_mc")
 def router_logit_cosine01(stats: LayerStats, **_) -> Tensor:
-    """MC-SMoE's (cos(z_{:,i}, z_{:,j}) + 1) / 2 (METHODS.md section 4). [0, 1]."""
+    """MC-SMoE's (cos(z_{:,i}, z_{:,j}) + 1) / 2 (MC-SMoE, arXiv 2310.01334). [0, 1]."""
     return (router_logit_cosine(stats) + 1) / 2
 
 
@@ -197,7 +197,7 @@ def router_prob_cosine(stats: LayerStats, **_) -> Tensor:
 
 @register_similarity("router_weight")
 def router_weight_cosine(stats: LayerStats | None = None, router_weight: Tensor | None = None, **_) -> Tensor:
-    """Cosine of router weight rows W_r[i], W_r[j] (SlimQwen's router-weight similarity, METHODS.md section 1).
+    """Cosine of router weight rows W_r[i], W_r[j] (SlimQwen's router-weight similarity, SlimQwen, arXiv 2605.08738).
 
     Args:
         stats: unused (kept so every similarity has the same call signature).
@@ -272,7 +272,7 @@ def logit_column_distance(gram: Tensor, normalise: str = "unit") -> Tensor:
 
 def ream_distance(stats: LayerStats, normalise: str = "unit", use_router: bool = True,
                   mean_outputs: Tensor | None = None) -> Tensor:
-    """REAM's expert distance (METHODS.md section 2).
+    """REAM's expert distance (REAM, arXiv 2604.04356).
 
     d_ij = 1 - 0.5 [ (cos(ybar_i, ybar_j) + 1) / 2 + simgate_ij ], ybar_e a mean gated output,
     simgate = 1 - D / max D, D the Euclidean distance between router-logit columns
@@ -370,7 +370,7 @@ def uniform_per_layer(scores_per_layer: dict[int, Tensor], per_layer: int) -> di
 
 
 def global_dominant(scores_per_layer: dict[int, Tensor], total: int, min_per_layer: int = 1) -> dict[int, Tensor]:
-    """MC-SMoE's global choice of dominant experts (METHODS.md section 4, M-SMoE).
+    """MC-SMoE's global choice of dominant experts (M-SMoE, arXiv 2310.01334).
 
     Each layer's ``min_per_layer`` highest-scoring experts are forced dominant (with the default 1, its
     most-used expert); the remaining ``total - forced`` slots go to the highest scores over all layers

@@ -1,6 +1,6 @@
 """Recovery training of a compressed model: language modelling, knowledge distillation, or a mix.
 
-SlimQwen (METHODS.md section 1) recovers a pruned student with lambda * KD + (1 - lambda) * LM and
+SlimQwen (arXiv 2605.08738) recovers a pruned student with lambda * KD + (1 - lambda) * LM and
 compares it with the same architecture trained from random init with KD; MC-SMoE (section 4)
 fine-tunes its merged and compressed models with CE + 0.2 * KL at temperature 2. Both are
 ``recover(student, tokenizer, teacher=..., lm_weight=..., kd_weight=...)``:

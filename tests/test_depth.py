@@ -1,4 +1,4 @@
-"""Depth pruning (SlimQwen, METHODS.md section 1): removing decoder layers in every family gives the
+"""Depth pruning (SlimQwen, SlimQwen, arXiv 2605.08738): removing decoder layers in every family gives the
 model that skips those layers, and the checkpoint reloads with plain from_pretrained."""
 
 import copy

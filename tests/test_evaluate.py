@@ -384,6 +384,22 @@ def test_paired_difference_pairs_units(tmp_path):
         ev.paired_difference(other, uniform, "mc_acc")
 
 
+def test_paired_views_one_call_several_views(tmp_path):
+    path = tmp_path / "hand.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in HAND_MC))
+    tasks = [ev.perplexity_task("math", tokens=512, seq_len=64), ev.perplexity_task("code", tokens=512, seq_len=64),
+             ev.jsonl_mc_task(path)]
+    uniform = ev.evaluate(UniformLM(), TOK, tasks, progress=False)
+    oracle = ev.evaluate(OracleLM([_truth(e) for e in HAND_MC]), TOK, tasks, progress=False)
+    views = {"MC": ("mc_acc", None), "bpb code": ("bits_per_byte", "ppl_code"), "bpb": ("bits_per_byte", None)}
+    got = ev.paired_views(oracle, uniform, views)
+    assert list(got) == ["MC diff", "MC z", "bpb code diff", "bpb code z", "bpb diff", "bpb z"]
+    assert got["MC diff"] == pytest.approx(ev.paired_difference(oracle, uniform, "mc_acc")["diff"]) and got["MC z"] > 2
+    assert got["bpb code diff"] == 0 and got["bpb diff"] == 0
+    with pytest.raises(ValueError, match="holds no task"):
+        ev.paired_views(oracle, uniform, {"x": ("bits_per_byte", "ppl_general")})
+
+
 def test_paired_difference_over_seeds_adds_the_seed_spread(tmp_path):
     path = tmp_path / "hand.jsonl"
     path.write_text("\n".join(json.dumps(e) for e in HAND_MC))

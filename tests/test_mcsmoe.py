@@ -1,4 +1,4 @@
-"""MC-SMoE (METHODS.md section 4): per-layer expert counts that save and reload, adaptive M-SMoE,
+"""MC-SMoE (arXiv 2310.01334): per-layer expert counts that save and reload, adaptive M-SMoE,
 low rank + sparse experts (moelab.models, moelab.io, moelab.compress)."""
 
 from __future__ import annotations

@@ -392,6 +392,25 @@ def test_slice_hidden_round_trip(family, tmp_path):
     assert checkpoint_bytes(out) < checkpoint_bytes(orig)
 
 
+@pytest.mark.parametrize("family", SLICE_HIDDEN_OK)
+def test_norm_outputs_scale_on_a_variant(family):
+    """scale_norm_outputs multiplies every residual norm's output by its factor, whichever way the family
+    applies the weight (Qwen3-Next: 1 + w), and leaves the model the variant came from as it was."""
+    from moelab.models import residual_norms, scale_norm_outputs, variant
+
+    model = tiny_model(family)
+    norms = residual_norms(model)
+    assert norms and all(n.weight.shape[0] == model.config.hidden_size for n in norms.values())
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = {k: n(x) for k, n in norms.items()}
+        v = variant(model)
+        scale_norm_outputs(v, {k: 1.5 + 0.25 * i for i, k in enumerate(norms)})
+        for i, (k, n) in enumerate(residual_norms(v).items()):
+            torch.testing.assert_close(n(x), (1.5 + 0.25 * i) * before[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(norms[k](x), before[k])
+
+
 def test_slice_hidden_unsupported_leaves_model_intact():
     model = tiny_model("olmoe")  # its q/k norms are sized from hidden_size, not head_dim
     before = _logits(model)

@@ -42,7 +42,7 @@ def test_notebook_smoke_run(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_shape_and_output_policy(nb):
-    """The template of STYLE.md: title, one parameters cell after the imports holding literals only,
+    """The notebook template: title, one parameters cell after the imports holding literals only,
     numbered sections, "What we found" and deviations; committed without outputs."""
     book = nbformat.read(nb, as_version=4)
     cells = book.cells
@@ -96,6 +96,40 @@ def test_only_the_published_run_writes_executed_copies(tmp_path, monkeypatch):
     out = runner.publish_executed(src)
     assert out == tmp_path / "executed" / "x.ipynb" and out.read_text() == "{}"
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.ipynb"]
+
+
+def test_notebooks_name_moelab_s_kernel_and_the_runner_falls_back(monkeypatch):
+    """The sources ask for the kernel `make env` registers (not `python3`, which would shadow a user's
+    default); the runner uses it when registered and the running interpreter's otherwise."""
+    import jupyter_client.kernelspec as ks
+
+    for nb in NOTEBOOKS:
+        spec = nbformat.read(nb, as_version=4).metadata.get("kernelspec", {})
+        assert spec.get("name") == runner.KERNEL and "moelab" in spec.get("display_name", ""), nb.name
+    monkeypatch.setattr(ks, "find_kernel_specs", lambda: {"python3": "/x", runner.KERNEL: "/y"})
+    assert runner.kernel_name() == runner.KERNEL
+    monkeypatch.setattr(ks, "find_kernel_specs", lambda: {"python3": "/x"})
+    assert runner.kernel_name() == "python3"
+
+
+def test_published_summary_keeps_the_sections_of_notebooks_not_run(tmp_path, monkeypatch):
+    """A published run of one notebook replaces its own section of executed/SUMMARY.md and keeps the
+    others' (their executed copies are unchanged); a section never published stays 'not run'."""
+    monkeypatch.setattr(runner, "EXECUTED", tmp_path / "executed")
+    run = tmp_path / "run"
+    for stem, value in (("00_a", 1.0), ("01_b", 2.0)):
+        (run / stem).mkdir(parents=True)
+        (run / stem / "metrics.json").write_text(json.dumps({"metrics": {"headline": {"x": value}}, "seed": 0}))
+    runner.publish_summary(runner.write_summary(run, ["00_a", "01_b", "02_c"]))
+    first = (tmp_path / "executed" / "SUMMARY.md").read_text()
+    assert "| x | 1 |" in first and "| x | 2 |" in first and first.count(runner.NOT_RUN) == 1
+    (run / "00_a" / "metrics.json").unlink()
+    (run / "01_b" / "metrics.json").write_text(json.dumps({"metrics": {"headline": {"x": 3.0}}, "seed": 0}))
+    runner.publish_summary(runner.write_summary(run, ["00_a", "01_b", "02_c"]))
+    second = (tmp_path / "executed" / "SUMMARY.md").read_text()
+    assert "| x | 1 |" in second and "| x | 3 |" in second and "| x | 2 |" not in second
+    assert second.count(runner.NOT_RUN) == 1 and second.index("## 00_a") < second.index("## 01_b") < second.index("## 02_c")
+    assert sorted(p.name for p in (tmp_path / "executed").iterdir()) == ["SUMMARY.md"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

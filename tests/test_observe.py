@@ -229,6 +229,8 @@ def test_saved_observation_reloads_identically_and_compresses_the_same(smoke, ca
     again = observe.load(path, model)
     assert again.tokens == obs.tokens and again.groups == obs.groups and again.layer_cos == obs.layer_cos
     assert again.calibration == observe.calibration_identity(calib) == obs.calibration
+    assert obs.norm_energy and again.norm_energy.keys() == obs.norm_energy.keys()
+    assert all(torch.equal(v, again.norm_energy[k]) for k, v in obs.norm_energy.items())
     for idx, st in obs.layers.items():
         for name, val in vars(st).items():
             if name == "_sample_keys":

@@ -85,3 +85,62 @@ def test_width_keeps_the_most_active_channels_and_all_channels_change_nothing(sm
         torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits)
         assert torch.isfinite(half(input_ids=ids).logits).all()
     assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _norm_output(model, name, ids):
+    got = {}
+    h = models.residual_norms(model)[name].register_forward_hook(lambda m, a, out: got.setdefault("y", out.detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    return got["y"]
+
+
+def test_width_rescale_restores_the_scale_of_the_kept_channels(smoke):
+    """A norm over the kept channels alone divides by their RMS; the calibration statistics give the
+    factor that undoes it on average. Half the embedding channels are made 3 times larger, so the
+    activation-ranked half carries most of the energy; layer 0's input norm reads the embeddings,
+    which slicing keeps exactly, so only its denominator differs."""
+    import copy
+
+    model, tok = smoke
+    model = copy.deepcopy(model)
+    H = model.config.hidden_size
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, : H // 2] *= 3
+    calib = data.calibration_set(tok, "1:1:1", tokens=2048, seq_len=128)
+    obs = observe.observe(model, calib, progress=False)
+    name = "layers.0.input_layernorm"
+    assert name in models.residual_norms(model) and "norm" in obs.norm_energy
+    energy = obs.norm_energy[name]
+    assert energy.shape == (H,) and float(energy.mean()) == pytest.approx(1.0, rel=1e-4)
+    ids = torch.as_tensor(calib[:4]["input_ids"])
+    full = _norm_output(model, name, ids)
+    gaps = {}
+    for rescale in (True, False):
+        half, kept = prune.slice_width(model, obs, 0.5, rescale=rescale)
+        ratio = (_norm_output(half, name, ids).pow(2).mean() / full[..., kept].pow(2).mean()).sqrt()
+        gaps[rescale] = abs(float(ratio) - 1)
+    assert gaps[False] > 0.1 and gaps[True] < 0.03, gaps
+    factors = prune.norm_factors(obs, prune.keep_channels(obs, H))
+    assert set(factors) == set(obs.norm_energy) and all(f == pytest.approx(1.0, rel=1e-4) for f in factors.values())
+    lean = observe.Observation(obs.layers, obs.layer_cos, obs.tokens, obs.groups)
+    with pytest.raises(ValueError, match="rescale=False"):
+        prune.slice_width(model, lean, 0.5)
+    prune.slice_width(model, lean, 0.5, rescale=False)
+
+
+def test_norm_forms_are_told_apart():
+    """w x_hat and (1 + w) x_hat norms are told apart by probing a copy with a zero weight."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNorm
+
+    assert models._norm_form(torch.nn.RMSNorm(8)) == "scale" and models._norm_form(torch.nn.LayerNorm(8)) == "scale"
+    offset = Qwen3NextRMSNorm(8)
+    offset.weight.data.uniform_(-0.5, 0.5)
+    assert models._norm_form(offset) == "offset"
+
+    class Odd(torch.nn.RMSNorm):  # applies its weight some third way
+        def forward(self, x):
+            return super().forward(x) + 0.5
+    with pytest.raises(models.UnsupportedModelError, match="neither"):
+        models._norm_form(Odd(8))

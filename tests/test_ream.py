@@ -1,4 +1,4 @@
-"""Tests of REAM at the model level (compress.ream_model, METHODS.md section 2) and the HC-SMoE baseline."""
+"""Tests of REAM at the model level (compress.ream_model, REAM, arXiv 2604.04356) and the HC-SMoE baseline."""
 
 import copy
 
