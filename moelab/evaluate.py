@@ -17,9 +17,8 @@ Conventions shared by every task:
 
 * Inputs start with the tokenizer's BOS token (EOS when it has none): the zoo models are trained on
   documents packed behind EOS, so that token is the "start of a document" context they know. This is
-  lm-evaluation-harness's ``add_bos_token=True``; its default for most models scores without a
-  prefix (or with only what the tokenizer adds itself), so its log-likelihoods differ from moelab's
-  by that first token's context. Run lm-eval with ``add_bos_token=True`` to compare like with like.
+  lm-evaluation-harness's ``add_bos_token=True``; with its default (False for most models) the
+  context is scored without that token, so its log-likelihoods differ from moelab's. Run lm-eval with ``add_bos_token=True`` to compare like with like.
 * Whitespace that ends a context is moved to the front of its continuation (as lm-eval-harness
   does), and context and continuation are tokenised separately, so every choice of an MC item is
   scored after the very same context tokens.
