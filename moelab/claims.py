@@ -101,11 +101,13 @@ def judge(claim: Claim, scores: Mapping[str, object], *, signal: Mapping[str, st
 
     Returns:
         {"claim", "paper figure", "our figure", "test", "a", "b", "metric", "advantage", "stderr", "z",
-        "n", "verdict"}: ``advantage`` is a's advantage over b in the metric's good direction.
+        "z if units were independent", "n", "documents", "verdict"}: ``advantage`` is a's advantage over b
+        in the metric's good direction; ``stderr`` and ``z`` cluster units by document
+        (``evaluate.paired_difference``), the other z shows what treating them as independent would claim.
     """
     row = {"claim": claim.claim, "paper figure": claim.paper_figure, "test": _describe(claim), "a": claim.a,
            "b": claim.b, "metric": claim.metric, "advantage": float("nan"), "stderr": float("nan"),
-           "z": float("nan"), "n": 0}
+           "z": float("nan"), "z if units were independent": float("nan"), "n": 0, "documents": 0}
     missing = [v for v in (claim.a, claim.b) if v not in scores]
     if missing:
         return {**row, "our figure": f"not measured in this run ({', '.join(missing)})", "verdict": "cannot tell"}
@@ -119,8 +121,9 @@ def judge(claim: Claim, scores: Mapping[str, object], *, signal: Mapping[str, st
     va, vb = _mean(scores[claim.a], claim.metric), _mean(scores[claim.b], claim.metric)
     z = adv / se if se > 0 else (0.0 if adv == 0 else math.copysign(math.inf, adv))
     figure = (f"{claim.metric} {va:.4f} ({claim.a}) vs {vb:.4f} ({claim.b}); advantage {adv:+.4f} "
-              f"± {se:.4f} paired (z {z:+.1f}, {d['n']} units)")
-    return {**row, "our figure": figure, "advantage": adv, "stderr": se, "z": float(z), "n": d["n"],
+              f"± {se:.4f} paired (z {z:+.1f}, {d['n']} units in {d['clusters']} documents)")
+    return {**row, "our figure": figure, "advantage": adv, "stderr": se, "z": float(z),
+            "z if units were independent": sign * d["z_independent"], "n": d["n"], "documents": d["clusters"],
             "verdict": _verdict(claim.test, adv, se, claim.margin, claim.z)}
 
 

@@ -419,7 +419,7 @@ def calibration_set(tokenizer, mix="1:1:1", tokens: int = 32_768, seq_len: int =
     tok_key = tokenizer_key(tokenizer)
     # The key holds the exact shares (repr of each float), not the rounded label: 0.104:0.896 is not 0.1:0.9.
     key = hashlib.sha256(json.dumps([[repr(shares[d]) for d in DOMAINS], tokens, seq_len, split, seed,
-                                     tok_key]).encode()).hexdigest()[:16]
+                                     tok_key, CALIB_VERSION]).encode()).hexdigest()[:16]
     if not cache:
         return _build_calibration(tokenizer, counts, seq_len, split, seed, tok_key)
     from filelock import FileLock
@@ -476,6 +476,25 @@ def _rows_per_domain(shares: dict[str, float], tokens: int, seq_len: int) -> dic
     return counts
 
 
+# Bump when the rows a calibration set holds change for the same arguments (its cache key holds it).
+CALIB_VERSION = 2  # 2: math calibration leaves out problems whose question is also held out for evaluation
+
+
+def calibration_texts(domain: str, split: str = "calib") -> list[str]:
+    """The texts a calibration set draws from: ``texts(domain, split)``, except that the calibration
+    split of math leaves out every problem whose question is also in the eval split.
+
+    The problem generators are seeded apart per split but can emit the same small problem twice
+    (5 of 1,496 here): calibrating on a problem the evaluation then asks would let the compressed model
+    be fitted to its own test.
+    """
+    docs = texts(domain, split)
+    if domain != "math" or split != "calib":
+        return docs
+    held = {f"Question: {p['question'].strip()}" for p in math_problems("eval")}
+    return [t for t in docs if t.split("\nAnswer:", 1)[0] not in held]
+
+
 def _build_calibration(tokenizer, counts: dict[str, int], seq_len: int, split: str, seed: int, tok_key: str):
     import datasets
     import numpy as np
@@ -484,7 +503,7 @@ def _build_calibration(tokenizer, counts: dict[str, int], seq_len: int, split: s
     for d in DOMAINS:
         if counts[d] <= 0:
             continue
-        docs = texts(d, split)
+        docs = calibration_texts(d, split)
         order = np.random.default_rng(seed + DOMAINS.index(d)).permutation(len(docs))
         packed: list[list[int]] = []
         for start in range(0, len(order), 64):

@@ -7,11 +7,14 @@ reduces it to the two axes of an MC-vs-GEN plot.
 * ``perplexity_task``: token perplexity, mean NLL and bits per byte on packed held-out rows of one
   domain (the same rows ``data.calibration_set(tok, domain, split="eval")`` builds).
 * ``continuation_mc_task``: held-out continuations scored by log-likelihood, one per domain: the
-  true next sentence (general), the true next line (code) or the true final answer (math) among
-  4 choices. ``jsonl_mc_task`` plugs in any MC set stored as JSONL.
-* ``math_gen_task``, ``code_line_task``, ``humaneval_task``: greedy decoding with exact match
-  (math answers compared numerically; the next code line after strip; HumanEval pass@1 with each
-  program run in a subprocess under a timeout).
+  true next sentence (general), next line (code) or next line of a worked solution (math) against
+  three copies of it with two of its words, tokens or numbers exchanged (a word-order minimal pair,
+  which a small model tells apart); ``distractors="other"`` takes texts of other documents instead.
+  ``jsonl_mc_task`` plugs in any MC set stored as JSONL.
+* ``math_gen_task``, ``code_line_task``, ``humaneval_task``: greedy decoding with exact match (the
+  next word of a worked math solution or of a code line by default; whole math answers compared
+  numerically and whole next code lines with ``form=``; HumanEval pass@1 with each program run in a
+  subprocess under a timeout).
 
 Conventions shared by every task:
 
@@ -26,6 +29,9 @@ Conventions shared by every task:
   exactly chance, independent of where the labels sit.
 * Standard errors: MC accuracy and exact match use sqrt(p(1-p)/n); perplexity uses the spread of
   per-row mean NLL (delta method for ppl and bits per byte, whose bytes per token are held fixed).
+  Paired comparisons (``paired_difference``) cluster units by the document they come from.
+* The headline MC accuracy (``summary_score``'s ``mc_acc``) is ``acc_norm``, per byte of each choice;
+  the default MC choices have equal bytes, so there it equals ``acc``.
 * Everything is deterministic given the seed; example sets are drawn from the "eval" split.
 """
 
@@ -57,6 +63,7 @@ __all__ = [
     "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
     "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS", "KINDS",
     "select_tasks", "pareto_front", "correlation", "paired_difference", "clearly_better", "clearly_lower",
+    "swap_variants", "row_documents", "DISTRACTORS", "GEN_FORMS",
 ]
 
 KINDS = ("ppl", "mc", "gen")  # Task.kind values: perplexity, multiple choice, generation
@@ -544,7 +551,7 @@ class ChoiceTask(Task):
             acc.append(_tie_credit(ll, ex["label"]))
             acc_norm.append(_tie_credit(ll / nbytes, ex["label"]))
             self.details.append({"label": ex["label"], "loglik": ll.tolist(), "pred": int(np.argmax(ll)),
-                                 "acc": acc[-1], "acc_norm": acc_norm[-1]})
+                                 "acc": acc[-1], "acc_norm": acc_norm[-1], "doc": ex.get("doc")})
         n = len(exs)
         p, pn = float(np.mean(acc)) if n else float("nan"), float(np.mean(acc_norm)) if n else float("nan")
         return [Score(self.name, "acc", p, _binomial_stderr(p, n), n),
@@ -593,7 +600,7 @@ class GenerationTask(Task):
                               batch_size=batch_size, stop=self.stop, progress=progress)
         preds = [self.postprocess(t) for t in raw]
         ok = self.check_all(exs, preds)
-        self.details = [{"target": e["target"], "generation": t, "prediction": p, "correct": c}
+        self.details = [{"target": e["target"], "generation": t, "prediction": p, "correct": c, "doc": e.get("doc")}
                         for e, t, p, c in zip(exs, raw, preds, ok)]
         n = len(exs)
         p = float(np.mean(ok)) if n else float("nan")
@@ -668,7 +675,46 @@ def _assemble(context: str, sep: str, true: str, distractors: list[str], rng: np
     return {"context": context, "choices": [sep + o for o in options], "label": label, **meta}
 
 
-def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
+# ----------------------------------------------------------------------------- minimal pairs
+_WORD = r"\S+"                  # general text: words with their punctuation
+_NUMBER = r"\d+(?:\.\d+)?"      # math: the numbers of a worked solution line
+_CODE_WORD = r"\w+"              # code: identifiers, keywords and literals
+
+
+def swap_variants(text: str, pattern: str, rng: np.random.Generator, k: int = 3,
+                  adjacent: bool = False) -> list[str] | None:
+    """``k`` distinct copies of ``text``, each with two of its units exchanged; None if it has fewer.
+
+    A unit is a match of ``pattern`` (words, numbers, code tokens); two units are exchanged in place,
+    so every copy has the same characters and bytes as ``text`` and only their order differs. A model
+    that prefers the true text to all ``k`` copies knows which order its domain writes: a minimal-pair
+    test (as BLiMP's) that a small language model passes well above chance, unlike a choice between
+    texts of other documents, which needs the context understood.
+
+    Args:
+        text: the true continuation.
+        pattern: regular expression of one unit.
+        rng: draws which pairs are exchanged.
+        adjacent: exchange neighbouring units only (general text), else any two (numbers, code).
+    """
+    spans = [m.span() for m in re.finditer(pattern, text)]
+    pairs = [(i, j) for i in range(len(spans)) for j in range(i + 1, i + 2 if adjacent else len(spans))
+             if j < len(spans)]
+    out: list[str] = []
+    for q in rng.permutation(len(pairs)):
+        (a1, b1), (a2, b2) = spans[pairs[q][0]], spans[pairs[q][1]]
+        swapped = text[:a1] + text[a2:b2] + text[b1:a2] + text[a1:b1] + text[b2:]
+        if swapped != text and swapped not in out:
+            out.append(swapped)
+            if len(out) == k:
+                return out
+    return None
+
+
+DISTRACTORS = ("swapped", "other")  # continuation_mc_task's two designs
+
+
+def _general_mc(n: int, seed: int, context_chars: int = 600, distractors: str = "swapped") -> list[dict]:
     docs = data.texts("general", "eval")
     spans = [_sentence_spans(t) for t in docs]
     pool, candidates = [], []
@@ -684,7 +730,9 @@ def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
     pool = _Pool(pool)
     rng = np.random.default_rng([seed, _SALT["general"]])
     out = []
-    for c in rng.permutation(len(candidates))[:n]:
+    for c in rng.permutation(len(candidates)):
+        if len(out) == n:
+            break
         d, k = candidates[c]
         text, sp = docs[d], spans[d]
         k0 = k - 1
@@ -696,8 +744,10 @@ def _general_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
         sep = text[sp[k - 1][1]:sp[k][0]]
         sep = "\n\n" if "\n" in sep else " "
         true = text[sp[k][0]:sp[k][1]]
-        out.append(_assemble(context, sep, true, pool.draw(true, d, rng), rng,
-                             source=f"general/{d}/{k}"))
+        ds = pool.draw(true, d, rng) if distractors == "other" else swap_variants(true, _WORD, rng, adjacent=True)
+        if ds is None:  # too few words to make three different orders
+            continue
+        out.append(_assemble(context, sep, true, ds, rng, source=f"general/{d}/{k}", doc=f"general/{d}"))
     return out
 
 
@@ -727,8 +777,9 @@ def _code_lines(text: str) -> tuple[list[str], list[bool]]:
     return lines, good
 
 
-def _code_items(n: int, seed: int, salt: int, context_chars: int) -> tuple[list[dict], list, np.random.Generator]:
-    """Held-out (context, target line) pairs from the code eval split, the parsed files and the rng."""
+def _code_items(n: int | None, seed: int, salt: int, context_chars: int) -> tuple[list[dict], list, np.random.Generator]:
+    """Held-out (context, target line) pairs from the code eval split (all of them when ``n`` is None),
+    the parsed files and the rng."""
     files = data.texts("code", "eval")
     parsed = [_code_lines(t) for t in files]
     rng = np.random.default_rng([seed, salt])
@@ -757,7 +808,18 @@ def _code_items(n: int, seed: int, salt: int, context_chars: int) -> tuple[list[
     return items, parsed, rng
 
 
-def _code_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
+def _code_mc(n: int, seed: int, context_chars: int = 600, distractors: str = "swapped") -> list[dict]:
+    if distractors == "swapped":
+        items, _, rng = _code_items(None, seed, _SALT["code"], context_chars)
+        out = []
+        for it in items:
+            ds = swap_variants(it["target"], _CODE_WORD, rng)
+            if ds is not None:  # lines of fewer than three tokens cannot give three orders
+                out.append(_assemble(it["context"], it["sep"] + it["indent"], it["target"], ds, rng,
+                                     source=f"code/{it['file']}/{it['line']}", doc=f"code/{it['file']}"))
+                if len(out) == n:
+                    break
+        return out
     items, parsed, rng = _code_items(n, seed, _SALT["code"], context_chars)
     # Distractors come from lines in the same slot: same indentation, and after a blank line when the
     # true one is. A line moved to another depth ("return" at column 0), or a mid-block line after a
@@ -782,7 +844,7 @@ def _code_mc(n: int, seed: int, context_chars: int = 600) -> list[dict]:
         except (KeyError, ValueError):  # a rare slot: take any lines, re-indented like the true one
             ds = anywhere.draw(it["target"], it["file"], rng, near=24)
         out.append(_assemble(it["context"], it["sep"] + it["indent"], it["target"], ds, rng,
-                             source=f"code/{it['file']}/{it['line']}"))
+                             source=f"code/{it['file']}/{it['line']}", doc=f"code/{it['file']}"))
     return out
 
 
@@ -901,7 +963,44 @@ def _math_distractors(gold: str, source: str, others: list[tuple[str, str]], rng
     return picked
 
 
-def _math_mc(n: int, seed: int, show_solution: bool = True) -> list[dict]:
+def _solution_prefix(problem: dict, line: int) -> tuple[str, list[str]]:
+    """The training text of a worked problem up to (not including) solution line ``line``, and its lines.
+
+    The context ends without whitespace ("Answer:" or the previous line): the separator belongs to
+    the continuation, where the training text has it.
+    """
+    lines = problem["solution"].strip().split("\n")
+    head = f"Question: {problem['question'].strip()}\nAnswer:"
+    return (head + (" " + "\n".join(lines[:line]) if line else "")), lines
+
+
+def _worked_problems() -> list[tuple[int, dict]]:
+    """Held-out problems that come with a worked solution (the word problems), with their index."""
+    return [(i, p) for i, p in enumerate(data.math_problems("eval")) if p["solution"].strip()]
+
+
+def _math_swapped_mc(n: int, seed: int) -> list[dict]:
+    worked = _worked_problems()
+    rng = np.random.default_rng([seed, _SALT["math"]])
+    out = []
+    for q in rng.permutation(len(worked)):
+        i, p = worked[q]
+        _, lines = _solution_prefix(p, 0)
+        for j in rng.permutation(len(lines)):  # a line of this solution with three different orders
+            ds = swap_variants(lines[j], _NUMBER, rng)
+            if ds is not None:
+                context, _ = _solution_prefix(p, int(j))
+                out.append(_assemble(context, "\n" if j else " ", lines[j], ds, rng,
+                                     source=f"math/{p['source']}/{i}/{j}", doc=f"math/{i}"))
+                break
+        if len(out) == n:
+            break
+    return out
+
+
+def _math_mc(n: int, seed: int, show_solution: bool = True, distractors: str = "swapped") -> list[dict]:
+    if distractors == "swapped":
+        return _math_swapped_mc(n, seed)
     problems = data.math_problems("eval")
     others = [(p["source"], p["answer"]) for p in problems]
     rng = np.random.default_rng([seed, _SALT["math"]])
@@ -914,54 +1013,135 @@ def _math_mc(n: int, seed: int, show_solution: bool = True) -> list[dict]:
         pool = others[:i] + others[i + 1:]
         out.append(_assemble(context, " ", p["answer"].strip(), _math_distractors(p["answer"].strip(), p["source"],
                                                                                 pool, rng), rng,
-                             source=f"math/{p['source']}/{i}"))
+                             source=f"math/{p['source']}/{i}", doc=f"math/{i}"))
     return out
 
 
-class MathGenTask(GenerationTask):
-    """Held-out math problems; the model writes a solution and "#### answer", compared numerically."""
+GEN_FORMS = {"math": ("word", "answer"), "code": ("word", "line")}  # the first is each task's default
+_FIRST_WORD = re.compile(r"[ \t]*(\S+)")
+_FIRST_CODE_WORD = re.compile(r"[ \t]*(\w+)")
 
-    def __init__(self, n: int = 100, max_new_tokens: int = 96, seed: int = 0, name: str = "gen_math"):
-        super().__init__(name, "math", max_new_tokens, f"greedy exact match on {n} held-out math problems")
-        self.n, self.seed = n, seed
+
+def _cut_before(text: str, start: int) -> str:
+    """``text[:start]`` without its trailing spaces: a prompt that ends in a space makes a byte-level
+    BPE model start from a token it rarely saw (the space is part of the next word's token)."""
+    return text[:start].rstrip(" \t")
+
+
+class MathGenTask(GenerationTask):
+    """Held-out math, generated greedily. Two forms:
+
+    * ``"word"`` (default): the next word of a worked solution. The prompt is a held-out word problem
+      and its solution up to a word inside one line (never the line's first); the first word the
+      model writes must equal the solution's. Numbers, names copied from the question and the
+      solution's phrasing all count: short arithmetic and reading, which a small model partly does.
+    * ``"answer"``: the model writes a whole solution and "#### answer", compared numerically (the
+      paper benchmarks' form, GSM8K; about 1% for the embedded model).
+    """
+
+    def __init__(self, n: int = 100, max_new_tokens: int | None = None, seed: int = 0, name: str = "gen_math",
+                 form: str = "word"):
+        if form not in GEN_FORMS["math"]:
+            raise ValueError(f"unknown math generation form {form!r}; choose one of {GEN_FORMS['math']}")
+        what = "next word of worked solutions" if form == "word" else "answers"
+        super().__init__(name, "math", max_new_tokens or (12 if form == "word" else 96),
+                         f"greedy exact match on {n} held-out math {what}")
+        self.n, self.seed, self.form = n, seed, form
 
     def _build(self) -> list[dict]:
-        problems = data.math_problems("eval")
         rng = np.random.default_rng([self.seed, _SALT["math_gen"]])
+        if self.form == "word":
+            return self._build_words(rng)
+        problems = data.math_problems("eval")
         return [{"prompt": f"Question: {problems[i]['question'].strip()}\nAnswer:",
-                 "target": problems[i]["answer"].strip(), "source": problems[i]["source"]}
+                 "target": problems[i]["answer"].strip(), "source": problems[i]["source"], "doc": f"math/{i}"}
                 for i in rng.permutation(len(problems))[:self.n]]
 
+    def _build_words(self, rng: np.random.Generator) -> list[dict]:
+        worked, out = _worked_problems(), []
+        for q in rng.permutation(len(worked)):
+            i, p = worked[q]
+            _, lines = _solution_prefix(p, 0)
+            j = int(rng.integers(len(lines)))
+            words = [m.span() for m in re.finditer(_WORD, lines[j])]
+            if len(words) < 2:
+                continue
+            a, b = words[int(rng.integers(1, len(words)))]
+            context, _ = _solution_prefix(p, j)
+            prompt = context + ("\n" if j else " ") + _cut_before(lines[j], a)
+            out.append({"prompt": prompt, "target": lines[j][a:b], "source": f"math/{p['source']}/{i}/{j}",
+                        "doc": f"math/{i}"})
+            if len(out) == self.n:
+                break
+        return out
+
     def stop(self, text: str) -> bool:
+        if self.form == "word":
+            return "\n" in text or bool(re.search(r"\S[ \t]", text))
         return bool(re.search(r"####[^\n]*\S[^\n]*\n", text)) or "Question:" in text or "\n\n" in text
 
     def postprocess(self, text: str) -> str:
+        if self.form == "word":
+            m = _FIRST_WORD.match(text.split("\n", 1)[0])
+            return m.group(1) if m else ""
         # What follows the answer line (a new "Question:", a blank line) is not part of the answer.
         text = re.split(r"\n\s*\n|Question:", text, maxsplit=1)[0]
         return extract_answer(text) or ""
 
     def is_correct(self, example: dict, prediction: str) -> bool:
+        if self.form == "word":
+            return prediction == example["target"]
         return answers_match(prediction or None, example["target"])
 
 
 class CodeLineTask(GenerationTask):
-    """Next-line completion: the context ends at a line end; the next non-empty generated line must
-    equal the true next non-empty line after strip (text appended to the context's last line is ignored)."""
+    """Held-out code, generated greedily. Two forms:
 
-    def __init__(self, n: int = 100, max_new_tokens: int = 48, seed: int = 0, context_chars: int = 600,
-                 name: str = "gen_code"):
-        super().__init__(name, "code", max_new_tokens, f"greedy next-line exact match on {n} held-out code lines")
-        self.n, self.seed, self.context_chars = n, seed, context_chars
+    * ``"word"`` (default): the next token of a line. The prompt is a file up to a word token
+      (identifier, keyword or literal) inside a line, never its first; the first word the model
+      writes, right there, must equal it.
+    * ``"line"``: the whole next line. The context ends at a line end; the next non-empty generated
+      line must equal the true next non-empty line after strip (text appended to the context's last
+      line is ignored). About 0% for the embedded model.
+    """
+
+    def __init__(self, n: int = 100, max_new_tokens: int | None = None, seed: int = 0, context_chars: int = 600,
+                 name: str = "gen_code", form: str = "word"):
+        if form not in GEN_FORMS["code"]:
+            raise ValueError(f"unknown code generation form {form!r}; choose one of {GEN_FORMS['code']}")
+        what = "next-token" if form == "word" else "next-line"
+        super().__init__(name, "code", max_new_tokens or (8 if form == "word" else 48),
+                         f"greedy {what} exact match on {n} held-out code lines")
+        self.n, self.seed, self.context_chars, self.form = n, seed, context_chars, form
 
     def _build(self) -> list[dict]:
-        items, _, _ = _code_items(self.n, self.seed, _SALT["code_gen"], self.context_chars)
-        return [{"prompt": it["context"], "target": it["target"], "source": f"code/{it['file']}/{it['line']}"}
-                for it in items]
+        if self.form == "line":
+            items, _, _ = _code_items(self.n, self.seed, _SALT["code_gen"], self.context_chars)
+            return [{"prompt": it["context"], "target": it["target"], "source": f"code/{it['file']}/{it['line']}",
+                     "doc": f"code/{it['file']}"} for it in items]
+        items, _, rng = _code_items(None, self.seed, _SALT["code_gen"], self.context_chars)
+        out = []
+        for it in items:
+            line = it["indent"] + it["target"]
+            words = [m.span() for m in re.finditer(_CODE_WORD, line)]
+            if len(words) < 2:
+                continue
+            a, b = words[int(rng.integers(1, len(words)))]
+            out.append({"prompt": it["context"] + it["sep"] + _cut_before(line, a), "target": line[a:b],
+                        "source": f"code/{it['file']}/{it['line']}", "doc": f"code/{it['file']}"})
+            if len(out) == self.n:
+                break
+        return out
 
     def stop(self, text: str) -> bool:
+        if self.form == "word":
+            return "\n" in text or bool(re.search(r"\w\W", text))
         return bool(re.search(r"\n[^\n]*\S[^\n]*\n", text))
 
     def postprocess(self, text: str) -> str:
+        if self.form == "word":
+            m = _FIRST_CODE_WORD.match(text.split("\n", 1)[0])
+            return m.group(1) if m else ""
         rest = text.split("\n", 1)[1] if "\n" in text else ""
         return next((ln.strip() for ln in rest.split("\n") if ln.strip()), "")
 
@@ -1082,30 +1262,44 @@ def perplexity_task(domain: str, tokens: int | None = 16384, seq_len: int = 256,
 
 
 def continuation_mc_task(domain: str, n: int = 200, seed: int = 0, *, context_chars: int = 600,
-                         show_solution: bool = True) -> Task:
+                         show_solution: bool = True, distractors: str = "swapped") -> Task:
     """Held-out 4-way continuation MC for one domain.
 
-    general: the true next sentence vs 3 sentences of other eval documents (of similar length);
-    code: the true next line vs 3 non-trivial lines of other eval files (re-indented like it);
-    math: the true final answer after "####" vs other problems' answers of the same kind and
-    magnitude, or perturbed numbers. ``show_solution`` keeps the worked solution in the math
-    context (the training format); False asks for the answer straight after the question.
+    ``distractors="swapped"`` (default): the true continuation against three copies of it with two
+    of its units exchanged (``swap_variants``), same bytes, only the order differs:
+    general: the next sentence, two neighbouring words exchanged; code: the next line, two of its
+    word tokens exchanged; math: a line of a worked solution (after the question and the lines
+    before it), two of its numbers exchanged. The embedded model scores about 0.7 / 0.6 / 0.6 here.
+
+    ``distractors="other"``: texts of other documents, which only a model that follows the context
+    tells apart (the embedded model scores chance, 0.22-0.39): general: the true next sentence vs 3
+    sentences of other eval documents (of similar length); code: the true next line vs 3
+    non-trivial lines of other eval files (re-indented like it); math: the true final answer after
+    "####" vs other problems' answers of the same kind and magnitude, or perturbed numbers.
+    ``show_solution`` keeps the worked solution in that math context (the training format); False
+    asks for the answer straight after the question.
+
+    Items record the document they come from (``doc``): standard errors cluster on it.
 
     Args:
         domain: "general", "math" or "code".
         n: items (fewer if the split runs out of candidates).
         seed: draws the items, distractors and label positions.
         context_chars: longest context (general, code), cut at sentence / line boundaries.
+        distractors: "swapped" or "other".
     """
+    if distractors not in DISTRACTORS:
+        raise ValueError(f"unknown distractors {distractors!r}; choose one of {DISTRACTORS}")
     if domain == "general":
-        build = lambda: _general_mc(n, seed, context_chars)  # noqa: E731
+        build = lambda: _general_mc(n, seed, context_chars, distractors)  # noqa: E731
     elif domain == "code":
-        build = lambda: _code_mc(n, seed, context_chars)  # noqa: E731
+        build = lambda: _code_mc(n, seed, context_chars, distractors)  # noqa: E731
     elif domain == "math":
-        build = lambda: _math_mc(n, seed, show_solution)  # noqa: E731
+        build = lambda: _math_mc(n, seed, show_solution, distractors)  # noqa: E731
     else:
         raise ValueError(f"unknown domain {domain!r}; choose one of {data.DOMAINS}")
-    return ChoiceTask(f"mc_{domain}", domain, build=build, description=f"{n} held-out {domain} continuations, 4-way")
+    what = "continuations against reordered copies" if distractors == "swapped" else "continuations"
+    return ChoiceTask(f"mc_{domain}", domain, build=build, description=f"{n} held-out {domain} {what}, 4-way")
 
 
 def jsonl_mc_task(path, name: str | None = None, domain: str | None = None) -> Task:
@@ -1149,14 +1343,16 @@ def jsonl_mc_task(path, name: str | None = None, domain: str | None = None) -> T
     return ChoiceTask(name or f"mc_{path.stem}", domain, examples=examples, description=f"MC from {path}")
 
 
-def math_gen_task(n: int = 100, max_new_tokens: int = 96, seed: int = 0) -> Task:
-    """Greedy math answers on held-out problems, exact match compared numerically."""
-    return MathGenTask(n, max_new_tokens, seed)
+def math_gen_task(n: int = 100, max_new_tokens: int | None = None, seed: int = 0, form: str = "word") -> Task:
+    """Greedy math generation on held-out problems: the next word of a worked solution (``form="word"``)
+    or the whole answer, compared numerically (``form="answer"``); see ``MathGenTask``."""
+    return MathGenTask(n, max_new_tokens, seed, form=form)
 
 
-def code_line_task(n: int = 100, max_new_tokens: int = 48, seed: int = 0) -> Task:
-    """Greedy next-line completion on held-out stdlib files, exact match after strip."""
-    return CodeLineTask(n, max_new_tokens, seed)
+def code_line_task(n: int = 100, max_new_tokens: int | None = None, seed: int = 0, form: str = "word") -> Task:
+    """Greedy code completion on held-out stdlib files: the next word token inside a line
+    (``form="word"``) or the whole next line (``form="line"``); see ``CodeLineTask``."""
+    return CodeLineTask(n, max_new_tokens, seed, form=form)
 
 
 def humaneval_task(limit: int | None = None, timeout: float = 5.0, max_new_tokens: int = 256) -> Task:
@@ -1167,10 +1363,8 @@ def humaneval_task(limit: int | None = None, timeout: float = 5.0, max_new_token
 # Sizes per preset. "full": stderrs of a few points for MC/GEN in about a minute on the 15M zoo
 # model on 2 cores; "smoke": seconds on the zoo smoke model, for tests and notebook smoke runs.
 PRESETS = {
-    "smoke": {"ppl_tokens": 1024, "seq_len": 128, "mc_n": 12, "math_n": 6, "math_tokens": 32, "code_n": 6,
-              "code_tokens": 24},
-    "full": {"ppl_tokens": 16384, "seq_len": 256, "mc_n": 200, "math_n": 100, "math_tokens": 96, "code_n": 100,
-             "code_tokens": 48},
+    "smoke": {"ppl_tokens": 1024, "seq_len": 128, "mc_n": 12, "math_n": 6, "code_n": 6},
+    "full": {"ppl_tokens": 16384, "seq_len": 256, "mc_n": 200, "math_n": 100, "code_n": 100},
 }
 
 
@@ -1188,7 +1382,7 @@ def standard_tasks(preset: str = "full", *, seed: int = 0, humaneval: bool = Fal
     p = PRESETS[preset]
     tasks: list[Task] = [perplexity_task(d, p["ppl_tokens"], p["seq_len"], seed=seed) for d in data.DOMAINS]
     tasks += [continuation_mc_task(d, p["mc_n"], seed) for d in data.DOMAINS]
-    tasks += [math_gen_task(p["math_n"], p["math_tokens"], seed), code_line_task(p["code_n"], p["code_tokens"], seed)]
+    tasks += [math_gen_task(p["math_n"], seed=seed), code_line_task(p["code_n"], seed=seed)]
     if humaneval:
         tasks.append(humaneval_task(limit=2 if preset == "smoke" else None))
     return tasks
@@ -1245,15 +1439,45 @@ def evaluate(model, tokenizer, tasks, *, batch_size: int = 8, progress: bool = T
 
 
 # The per-unit value behind each summary metric: the unit a paired comparison pairs on.
-_UNIT = {"ppl": "bits_per_byte", "mc": "acc", "gen": "correct"}
+_UNIT = {"ppl": "bits_per_byte", "mc": "acc_norm", "gen": "correct"}
 _METRIC_KIND = {"bits_per_byte": "ppl", "mc_acc": "mc", "gen_em": "gen"}
+
+
+def row_documents(task: PerplexityTask, tokenizer) -> list[int]:
+    """For each row of a perplexity task, the document most of its tokens come from.
+
+    Rows are cut from documents packed end to end, so consecutive rows of one long document share its
+    topic and style; a standard error that treats them as independent is too small (a code score
+    rests on a few stdlib files). ``paired_difference`` clusters rows on these documents.
+    The packing is retraced as ``PerplexityTask`` does it: chunks of 64 documents, each packed alone.
+    """
+    docs, need = task.examples(), len(task.rows(tokenizer))
+    eos = tokenizer.eos_token_id
+    owners: list[int] = []
+    for start in range(0, len(docs), 64):
+        buf: list[int] = []
+        for j, ids in enumerate(_encode(tokenizer, docs[start:start + 64])):
+            buf.extend([start + j] * (len(ids) + (eos is not None)))
+            while len(buf) >= task.seq_len:
+                row, buf = buf[:task.seq_len], buf[task.seq_len:]
+                owners.append(int(np.bincount(row).argmax()))
+                if len(owners) == need:
+                    return owners
+    return owners
 
 
 def _units(task: Task) -> dict | None:
     key = _UNIT.get(task.kind)
     if key is None or not task.details or key not in task.details[0]:
         return None
-    return {"kind": task.kind, "values": [float(d[key]) for d in task.details]}
+    clusters = None
+    if isinstance(task, PerplexityTask):
+        tokenizer = (task.__dict__.get("_packed_cache") or {}).get("tokenizer")
+        if tokenizer is not None:
+            clusters = [f"{task.domain}/{d}" for d in row_documents(task, tokenizer)]
+    elif any(d.get("doc") is not None for d in task.details):
+        clusters = [d.get("doc") if d.get("doc") is not None else f"unit/{i}" for i, d in enumerate(task.details)]
+    return {"kind": task.kind, "values": [float(d[key]) for d in task.details], "clusters": clusters}
 
 
 def summary_score(df) -> dict:
@@ -1265,7 +1489,7 @@ def summary_score(df) -> dict:
         tasks taken as independent) and ``mc_tasks`` / ``gen_tasks`` / ``ppl_tasks`` counts; a
         missing kind gives NaN.
     """
-    picks = {"mc_acc": (df["kind"] == "mc") & (df["metric"] == "acc"),
+    picks = {"mc_acc": (df["kind"] == "mc") & (df["metric"] == "acc_norm"),
              "gen_em": (df["kind"] == "gen") & df["metric"].isin(["exact_match", "pass@1"]),
              "bits_per_byte": (df["kind"] == "ppl") & (df["metric"] == "bits_per_byte")}
     counts = {"mc_acc": "mc_tasks", "gen_em": "gen_tasks", "bits_per_byte": "ppl_tasks"}
@@ -1285,6 +1509,30 @@ def _unit_table(df, kind: str) -> dict[str, np.ndarray]:
         raise ValueError("paired_difference needs tables straight from moelab.evaluate.evaluate "
                          "(their attrs['units'] hold the per-unit scores); pandas drops attrs in concat")
     return {t: np.asarray(u["values"], dtype=float) for t, u in units.items() if u is not None and u["kind"] == kind}
+
+
+def _unit_clusters(df, kind: str) -> dict[str, list | None]:
+    units = df.attrs.get("units") or {}
+    return {t: u.get("clusters") for t, u in units.items() if u is not None and u["kind"] == kind}
+
+
+def _clustered_variance(d: np.ndarray, clusters: Sequence | None) -> float:
+    """Variance of the mean of ``d`` with units correlated inside clusters (the sandwich estimator).
+
+    With G clusters and r_g the sum of d - mean(d) over cluster g: G / (G - 1) * sum(r_g^2) / n^2.
+    One unit per cluster gives var(d, ddof=1) / n, the independent-units formula.
+    """
+    n = len(d)
+    if n < 2:
+        return 0.0
+    if clusters is None:
+        return float(d.var(ddof=1) / n)
+    _, inverse = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    g = int(inverse.max()) + 1
+    if g < 2:  # one document: no spread between documents to estimate; the units' own spread is all there is
+        return float(d.var(ddof=1) / n)
+    r = np.bincount(inverse, weights=d - d.mean())
+    return float(g / (g - 1) * np.sum(r ** 2) / n ** 2)
 
 
 def _mean_units(frames, kind: str) -> dict[str, np.ndarray]:
@@ -1312,10 +1560,14 @@ def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
         a, b: tables from ``evaluate`` (they carry per-unit values in ``attrs["units"]``), or lists of them.
         metric: ``"bits_per_byte"`` (perplexity tasks), ``"mc_acc"`` (MC accuracy) or ``"gen_em"``.
 
+    Units of one document (perplexity rows cut from one file, MC items from one article) are not
+    independent: the unit standard error clusters them by document (``_clustered_variance``).
+    ``z_independent`` is what the same difference would give with every unit taken as independent.
+
     Returns:
         dict with ``diff`` (a - b of the mean over tasks, as ``summary_score`` averages), its
         ``stderr``, ``z`` = diff / stderr (0 when both are 0), ``unit_stderr``, ``seed_stderr`` (0 for
-        single tables), ``n`` (units) and ``tasks``.
+        single tables), ``z_independent``, ``n`` (units), ``clusters`` (documents) and ``tasks``.
     """
     if metric not in _METRIC_KIND:
         raise ValueError(f"metric must be one of {sorted(_METRIC_KIND)}, got {metric!r}")
@@ -1327,17 +1579,24 @@ def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
     names = sorted(ua)
     if not names or sorted(ub) != names:
         raise ValueError(f"the two tables were not scored on the same {kind} tasks: {names} vs {sorted(ub)}")
-    means, variances, n = [], [], 0
+    groups = _unit_clusters(la[0], kind)
+    means, variances, flat, n, n_clusters = [], [], [], 0, 0
     for t in names:
         x, y = ua[t], ub[t]
         if x.shape != y.shape:
             raise ValueError(f"task {t!r} has {len(x)} units in one table and {len(y)} in the other")
         d = x - y
+        clusters = groups.get(t)
+        if clusters is not None and len(clusters) != len(d):
+            clusters = None
         means.append(d.mean())
-        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
+        variances.append(_clustered_variance(d, clusters))
+        flat.append(_clustered_variance(d, None))
         n += len(d)
+        n_clusters += len(set(map(str, clusters))) if clusters is not None else len(d)
     k = len(names)
     diff, unit_se = float(np.mean(means)), float(math.sqrt(sum(variances)) / k)
+    flat_se = float(math.sqrt(sum(flat)) / k)
     seed_se = 0.0
     if len(la) > 1 or len(lb) > 1:
         per = lambda f: float(np.mean([v.mean() for v in _unit_table(f, kind).values()]))
@@ -1349,9 +1608,13 @@ def paired_difference(a, b, metric: str = "bits_per_byte") -> dict:
             seed_se = float(math.sqrt((sa.var(ddof=1) / len(sa) if len(sa) > 1 else 0.0)
                                       + (sb.var(ddof=1) / len(sb) if len(sb) > 1 else 0.0)))
     se = math.sqrt(unit_se ** 2 + seed_se ** 2)
-    z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
-    return {"diff": diff, "stderr": se, "z": float(z), "unit_stderr": unit_se, "seed_stderr": seed_se,
-            "n": n, "tasks": k}
+    se_flat = math.sqrt(flat_se ** 2 + seed_se ** 2)
+
+    def ratio(num, den):
+        return num / den if den > 0 else (0.0 if num == 0 else math.copysign(math.inf, num))
+
+    return {"diff": diff, "stderr": se, "z": float(ratio(diff, se)), "unit_stderr": unit_se, "seed_stderr": seed_se,
+            "z_independent": float(ratio(diff, se_flat)), "n": n, "clusters": n_clusters, "tasks": k}
 
 
 def clearly_better(a, b, metric: str = "bits_per_byte", z: float = 2.0) -> bool:

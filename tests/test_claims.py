@@ -50,6 +50,19 @@ def test_the_pairing_decides_not_the_spread_of_the_rows():
     assert row["verdict"] == "holds" and 0.02 < unpaired_bound and row["z"] > 20
 
 
+def test_rows_of_one_document_count_once():
+    """A gap that lives in a few documents: clustered, its z is far smaller than with independent rows."""
+    docs = [f"d{i // 40}" for i in range(400)]  # ten documents of forty rows
+    per_doc = np.repeat(rng.normal(0, 0.02, 10), 40)
+    a, b = frame(BASE - 0.01 + per_doc + NOISE), frame(BASE)
+    for f in (a, b):
+        f.attrs["units"]["t"]["clusters"] = docs
+    row = claims.judge(claims.Claim("a better", "-", "a", "b"), {"a": a, "b": b})
+    assert row["documents"] == 10 and row["n"] == 400
+    assert abs(row["z"]) < abs(row["z if units were independent"]) / 3
+    assert "10 documents" in row["our figure"]
+
+
 def test_identical_variants_do_not_make_a_claim_hold():
     same = {"a": frame(BASE), "b": frame(BASE)}
     assert claims.judge(claims.Claim("a better", "-", "a", "b"), same)["verdict"] == "does not hold"
@@ -59,10 +72,10 @@ def test_accuracy_is_higher_is_better_and_missing_or_chance_metrics_cannot_tell(
     hits_b = (rng.random(300) < 0.5).astype(float)
     hits_a = hits_b.copy()
     hits_a[np.flatnonzero(hits_b == 0)[:60]] = 1  # a answers 60 more items right
-    s = {"a": frame(hits_a, "mc", "acc"), "b": frame(hits_b, "mc", "acc")}
+    s = {"a": frame(hits_a, "mc", "acc_norm"), "b": frame(hits_b, "mc", "acc_norm")}
     assert claims.judge(claims.Claim("a better", "-", "a", "b", metric="mc_acc"), s)["verdict"] == "holds"
     assert claims.judge(claims.Claim("x", "-", "a", "c"), s)["verdict"] == "cannot tell"
-    chance = frame((rng.random(100) < 0.25).astype(float), "mc", "acc")
+    chance = frame((rng.random(100) < 0.25).astype(float), "mc", "acc_norm")
     why = claims.informative(chance, "mc_acc", chance=0.25)
     assert why and "chance" in why
     assert claims.informative(s["b"], "mc_acc", chance=0.25) is None

@@ -160,6 +160,9 @@ def test_mc_distractors_differ_from_the_answer_and_each_other(domain):
     lambda seed: ev.continuation_mc_task("math", n=20, seed=seed),
     lambda seed: ev.math_gen_task(n=20, seed=seed),
     lambda seed: ev.code_line_task(n=20, seed=seed),
+    lambda seed: ev.continuation_mc_task("math", n=20, seed=seed, distractors="other"),
+    lambda seed: ev.math_gen_task(n=20, seed=seed, form="answer"),
+    lambda seed: ev.code_line_task(n=20, seed=seed, form="line"),
 ])
 def test_examples_are_deterministic_given_the_seed(make):
     a, b, c = make(0).examples(), make(0).examples(), make(1).examples()
@@ -167,7 +170,101 @@ def test_examples_are_deterministic_given_the_seed(make):
     assert a != c
 
 
+def test_swap_variants_reorder_units_and_keep_every_byte():
+    rng = np.random.default_rng(0)
+    got = ev.swap_variants("the cat sat down", ev._WORD, rng, adjacent=True)
+    assert sorted(got) == ["cat the sat down", "the cat down sat", "the sat cat down"]
+    got = ev.swap_variants("so 4*3=12 and 5", ev._NUMBER, rng)
+    assert len(set(got)) == 3 and set(got) <= {"so 12*3=4 and 5", "so 3*4=12 and 5", "so 4*12=3 and 5",
+                                               "so 4*3=5 and 12", "so 4*5=12 and 3", "so 5*3=12 and 4"}
+    assert all(sorted(g) == sorted("so 4*3=12 and 5") and g != "so 4*3=12 and 5" for g in got)
+    # units that repeat give no new order; too few orders give None
+    assert ev.swap_variants("a a a", ev._WORD, rng) is None
+    assert ev.swap_variants("x = y", ev._CODE_WORD, rng) is None
+
+
+@pytest.mark.parametrize("domain", data.DOMAINS)
+def test_swapped_distractors_are_reorderings_of_the_true_continuation(domain):
+    exs = ev.continuation_mc_task(domain, n=60, seed=0).examples()
+    assert len(exs) == 60 and len({e["doc"] for e in exs}) > 5
+    for e in exs:
+        true = e["choices"][e["label"]]
+        for c in e["choices"]:
+            # same characters, so the same bytes: per-byte and summed scoring agree, length tells nothing
+            assert sorted(c) == sorted(true) and len(c.encode()) == len(true.encode())
+    if domain == "math":  # a solution line: the question and the lines before it are the context
+        assert all(e["context"].startswith("Question: ") and "\nAnswer:" in e["context"] for e in exs)
+
+
+def test_other_distractors_remain_available():
+    exs = ev.continuation_mc_task("general", n=20, seed=0, distractors="other").examples()
+    true = [e["choices"][e["label"]] for e in exs]
+    assert any(sorted(c) != sorted(t) for e, t in zip(exs, true) for c in e["choices"])
+    with pytest.raises(ValueError, match="distractors"):
+        ev.continuation_mc_task("general", distractors="random")
+
+
+@pytest.mark.parametrize("make", [lambda: ev.math_gen_task(n=12, seed=0), lambda: ev.code_line_task(n=12, seed=0)])
+def test_next_word_generation_with_an_oracle_is_exact_and_uniform_scores_zero(make):
+    task = make()
+    exs = task.examples()
+    assert len(exs) == 12 and all(e["target"] and not e["prompt"].endswith((" ", "\t", "\n")) for e in exs)
+    # the oracle continues with a space (or not), the word, then more text on the line
+    texts = [e["prompt"] + (" " if i % 2 else "") + e["target"] + " and so on\n" for i, e in enumerate(exs)]
+    task.max_new_tokens = max(len(e["target"]) for e in exs) + 4  # bytes are tokens here
+    (score,) = task.score(OracleLM(texts), TOK, batch_size=4)
+    assert score.value == 1.0 and [d["prediction"] for d in task.details] == [e["target"] for e in exs]
+    (score,) = task.score(UniformLM(), TOK, batch_size=4)
+    assert score.value == 0.0
+    with pytest.raises(ValueError, match="form"):
+        ev.math_gen_task(form="essay")
+
+
 # ----------------------------------------------------------------------------- perplexity
+def test_row_documents_name_the_document_behind_each_row():
+    task = ev.perplexity_task("code", tokens=320, seq_len=64)
+    task._examples = ["a" * 100, "b" * 30, "c" * 200]
+    # 101 tokens of document 0 (with its EOS), 31 of document 1, 201 of document 2: five rows of 64;
+    # the second row holds 37 tokens of document 0 and 27 of document 1, the third 4 of 1 and 60 of 2
+    assert len(task.rows(TOK)) == 5 and ev.row_documents(task, TOK) == [0, 0, 2, 2, 2]
+
+
+def test_clustered_variance_known_answers():
+    d = np.array([1.0, 2.0, 3.0, 6.0])
+    assert ev._clustered_variance(d, None) == pytest.approx(d.var(ddof=1) / 4)
+    assert ev._clustered_variance(d, ["a", "b", "c", "d"]) == pytest.approx(d.var(ddof=1) / 4)
+    # two documents: residuals -2,-1 | 0,3 sum to -3 and 3: G/(G-1) * 18 / 16
+    assert ev._clustered_variance(d, ["a", "a", "b", "b"]) == pytest.approx(2 * 18 / 16)
+    assert ev._clustered_variance(d, ["a"] * 4) == pytest.approx(d.var(ddof=1) / 4)  # one document: no estimate
+
+
+def test_paired_difference_clusters_rows_by_document(tmp_path):
+    tasks = [ev.perplexity_task("code", tokens=4096, seq_len=64)]
+    uniform = ev.evaluate(UniformLM(), TOK, tasks, progress=False)
+    clusters = uniform.attrs["units"]["ppl_code"]["clusters"]
+    assert len(clusters) == 64 and 1 < len(set(clusters)) < 64
+    # a model that is better on some documents only: whole documents move together
+    shifted = ev.evaluate(UniformLM(), TOK, tasks, progress=False)
+    values = np.asarray(shifted.attrs["units"]["ppl_code"]["values"])
+    docs = sorted(set(clusters))
+    bonus = np.array([0.5 if docs.index(c) % 2 else 0.0 for c in clusters]) + 0.01 * (np.arange(64) % 3)
+    shifted.attrs["units"]["ppl_code"]["values"] = list(values - bonus)
+    d = ev.paired_difference(shifted, uniform)
+    assert d["clusters"] == len(docs) and d["n"] == 64
+    assert abs(d["z"]) < abs(d["z_independent"])  # correlated rows: the honest z is smaller
+
+
+def test_calibration_leaves_out_the_evaluation_s_math_problems():
+    held = {p["question"].strip() for p in data.math_problems("eval")}
+    calib = data.calibration_texts("math")
+    everything = data.texts("math", "calib")
+    asked = [t for t in everything if t.split("\nAnswer:", 1)[0][len("Question: "):] in held]
+    assert asked and len(calib) == len(everything) - len(asked)
+    assert not any(t.split("\nAnswer:", 1)[0][len("Question: "):] in held for t in calib)
+    assert data.calibration_texts("general") == data.texts("general", "calib")
+
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     task = ev.perplexity_task("math", tokens=2048, seq_len=64)
     rows = task.rows(TOK)
@@ -214,7 +311,7 @@ def test_answers_match():
 
 
 def test_math_generation_with_an_oracle_is_exact():
-    task = ev.math_gen_task(n=6, max_new_tokens=24, seed=0)
+    task = ev.math_gen_task(n=6, max_new_tokens=24, seed=0, form="answer")
     exs = task.examples()
     # answers in the training format, and numbers also in prose: both must be read right
     prose = [i % 2 == 0 and re.fullmatch(r"-?\d+(\.\d+)?", e["target"]) for i, e in enumerate(exs)]
@@ -228,7 +325,7 @@ def test_math_generation_with_an_oracle_is_exact():
 
 
 def test_code_line_generation_with_an_oracle_is_exact():
-    task = ev.code_line_task(n=5, max_new_tokens=120, seed=0)
+    task = ev.code_line_task(n=5, max_new_tokens=120, seed=0, form="line")
     exs = task.examples()
     assert all(e["prompt"] and not e["prompt"].endswith("\n") and e["target"] == e["target"].strip() for e in exs)
     texts = [e["prompt"] + "\n    " + e["target"] + "\nrest" for e in exs]
