@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"  # the published run's executed notebooks (committed)
-PRESETS = ("full", "smoke", "paper")
+PRESETS = ("full", "smoke", "classroom", "paper")
 PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
 _RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
 KERNEL = "moelab"  # the Jupyter kernel `make env` registers in the venv (the notebooks' kernelspec)
