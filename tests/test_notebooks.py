@@ -58,8 +58,21 @@ def test_notebook_shape_and_output_policy(nb):
             compile(value, "<param>", "eval")
             assert "(" not in value or value.startswith(("(", "[")), f"parameters must be literals: {line}"
             assert "  # " in line, f"every parameter has a comment saying what it means: {line}"
-    text = "\n".join(c.source for c in cells if c.cell_type == "markdown")
-    assert "## 1." in text and "What we found" in text and "Deviations" in text
+    names = [line.partition("=")[0].strip() for line in params.source.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert names[:2] == ["MODEL", "SEED"], f"the parameters start with MODEL and SEED: {names[:2]}"
+    assert names[-4:] == ["DEVICE_MAP", "DTYPE", "OUTPUT_DIR", "FIGURES_DIR"], names[-4:]
+    assert {"CALIB_TOKENS", "CALIB_SEQ_LEN", "EVAL_PPL_TOKENS", "EVAL_SEQ_LEN", "EVAL_MC_N"} <= set(names)
+    seeds = [n for n in names if "SEED" in n]
+    assert set(seeds) <= {"SEED", "SEEDS"}, f"seeds are SEED (the run's) and SEEDS (a list of absolute seeds): {seeds}"
+    headings = [line for c in cells if c.cell_type == "markdown" for line in c.source.splitlines()
+                if line.startswith("## ")]
+    numbered = [int(h[3:].split(".")[0]) for h in headings if h[3:4].isdigit()]
+    assert numbered == list(range(1, len(numbered) + 1)), f"sections are numbered 1, 2, ...: {numbered}"
+    closing = [h for h in headings if not h[3:4].isdigit()]
+    assert headings[len(numbered) - 1].startswith(f"## {len(numbered)}. Record the result"), headings
+    assert closing[0] == "## What we found" and closing[1].startswith("## Deviations"), closing
+    assert headings[-2:] == closing[:2], "What we found and the deviations close the notebook"
     for c in cells:
         if c.cell_type == "code":
             assert not c.get("outputs") and c.get("execution_count") is None, "commit notebooks without outputs"
