@@ -1,4 +1,8 @@
-"""Plot helpers in one shared style. Every function returns a matplotlib Figure; ``save`` writes it."""
+"""Plot helpers in one shared style. Every function returns a matplotlib Figure; ``save`` writes it.
+
+The whole collection shares one colour per method (``METHOD_COLORS``) and per domain
+(``DOMAIN_COLORS``, in the order of ``DOMAIN_ORDER``), so a method looks the same in every notebook;
+fonts are sized for a projector."""
 
 from __future__ import annotations
 
@@ -9,23 +13,95 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+DOMAIN_ORDER = ("general", "math", "code")
 DOMAIN_COLORS = {"general": "#4C72B0", "math": "#DD8452", "code": "#55A868"}
+
+# One colour per method for every notebook. Names are matched exactly, then by their longest known
+# prefix ("REAP 0.25" and "REAP pruning" are REAP), case-sensitively.
+METHOD_COLORS = {
+    "original": "#3A3A3A",
+    "teacher": "#3A3A3A",
+    "frequency": "#8172B3",
+    "soft_logit": "#937860",
+    "REAP": "#C44E52",
+    "reap": "#C44E52",
+    "random": "#A0A0A0",
+    "REAM": "#1F77B4",
+    "HC-SMoE": "#17BECF",
+    "M-SMoE": "#DA8BC3",
+    "M-SMoE unaligned": "#F2C1E0",
+    "MC-SMoE": "#8C1C6B",
+    "DERN": "#2CA02C",
+    "NAEE": "#BCBD22",
+    "pruning": "#C44E52",
+    "uniform": "#8172B3",
+    "last": "#8172B3",
+    "cosine": "#2CA02C",
+    "activation": "#1F77B4",
+}
+_FALLBACK = ["#FF7F0E", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F", "#1B9E77", "#D95F02", "#7570B3", "#66A61E"]
+
+
+def color(name, default=None):
+    """The collection's colour for a method or domain name (exact, then longest prefix), else ``default``."""
+    key = str(name)
+    for table in (DOMAIN_COLORS, METHOD_COLORS):
+        if key in table:
+            return table[key]
+    best = max((k for k in (*DOMAIN_COLORS, *METHOD_COLORS) if key.startswith(k + " ")), key=len, default=None)
+    return color(best) if best is not None else default
+
+
+def palette(names) -> dict:
+    """A colour for every name: the collection's where it has one, otherwise unused fallback colours in order."""
+    names = list(dict.fromkeys(names))
+    exact = {n: DOMAIN_COLORS.get(str(n)) or METHOD_COLORS.get(str(n)) for n in names}
+    taken = {c for c in exact.values() if c}
+    spare = iter([c for c in _FALLBACK if c not in taken] + ["#555555"] * len(names))
+    out = {}
+    for n in names:  # an exact name keeps its colour; a prefix colour goes to the first name that wants it
+        if exact[n]:
+            out[n] = exact[n]
+            continue
+        c = color(n)
+        out[n] = c if c and c not in taken else next(spare)
+        taken.add(out[n])
+    return out
+
+
+_palette = palette  # for functions whose ``palette`` argument shadows it
 
 
 def style() -> None:
-    """The one style every moelab figure uses."""
-    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight"})
+    """The one style every moelab figure uses (fonts readable on a projector)."""
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=1.15)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
+                         "legend.fontsize": 11, "legend.title_fontsize": 11, "axes.titlesize": 13})
 
 
 style()
 
 
-def save(fig, name: str, figures_dir: str | os.PathLike, pdf: bool = False) -> Path:
-    """Save a figure as ``figures_dir/name.png`` (and ``.pdf``); returns the PNG path."""
+def no_signal(values, stderr, chance: float, z: float = 2.0) -> bool:
+    """True when every value lies within ``z`` standard errors of ``chance``: a bar panel of such values
+    would only draw noise (a metric at chance says nothing about the methods)."""
+    v, se = np.asarray(values, dtype=float), np.asarray(stderr, dtype=float)
+    ok = np.isfinite(v)
+    return bool(ok.any() and (np.abs(v[ok] - chance) <= z * np.nan_to_num(se[ok])).all())
+
+
+def save(fig, name: str, figures_dir: str | os.PathLike, pdf: bool = False) -> Path | None:
+    """Save a figure as ``figures_dir/name.png`` (and ``.pdf``); returns the PNG path.
+
+    ``fig`` None (a panel a helper declined to draw, e.g. values all at chance) removes an older file
+    of that name, so no stale figure stays beside this run's, and returns None."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"
+    if fig is None:
+        for f in (png, out / f"{name}.pdf"):
+            f.unlink(missing_ok=True)
+        return None
     fig.savefig(png)
     if pdf:
         fig.savefig(out / f"{name}.pdf")
@@ -36,13 +112,14 @@ def heatmap(matrix, *, xlabel: str, ylabel: str, title: str, yticklabels=None, x
             vmin=None, vmax=None, cbar_label: str | None = None, figsize=None, annotate: bool = False):
     """A labelled heatmap of a 2-D array."""
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=figsize or (max(6, 0.22 * m.shape[1] + 2), max(2.5, 0.35 * m.shape[0] + 1.2)))
+    fig, ax = plt.subplots(figsize=figsize or (max(6, 0.3 * m.shape[1] + 2), max(2.8, 0.42 * m.shape[0] + 1.4)))
     sns.heatmap(m, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=annotate, fmt=".2g",
                 xticklabels=xticklabels if xticklabels is not None else "auto",
                 yticklabels=yticklabels if yticklabels is not None else "auto",
                 cbar_kws={"label": cbar_label} if cbar_label else None)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.tick_params(axis="y", rotation=0)
+    ax.tick_params(axis="x", rotation=0, labelsize=9 if m.shape[1] > 24 else None)  # horizontal, never overlapping
     fig.tight_layout()
     return fig
 
@@ -58,30 +135,84 @@ def routing_frequency(freq_by_layer: dict, title: str = "Routing frequency per e
 def specialisation(share: np.ndarray, domains, layer: int | str, order=None):
     """Per-domain share of each expert's tokens for one layer (rows: domains, columns: experts)."""
     share = np.asarray(share, dtype=float)
+    domains = list(domains)
+    rows = sorted(range(len(domains)), key=lambda i: (DOMAIN_ORDER.index(domains[i]) if domains[i] in DOMAIN_ORDER
+                                                      else len(DOMAIN_ORDER), i))  # the collection's domain order
+    share, domains = share[rows], [domains[i] for i in rows]
     order = np.arange(share.shape[1]) if order is None else np.asarray(order)
+    order = order[np.argsort(share[:, order].argmax(0), kind="stable")]  # grouped by main domain, in row order
     return heatmap(share[:, order], xlabel="expert (sorted by main domain)", ylabel="domain",
-                   title=f"Layer {layer}: where each expert's tokens come from", yticklabels=list(domains),
+                   title=f"Layer {layer}: where each expert's tokens come from", yticklabels=domains,
                    xticklabels=[str(i) for i in order], cmap="rocket_r", vmin=0, vmax=1, cbar_label="share of tokens")
 
 
 def grouped_bars(df, *, x: str, y: str, hue: str, err: str | None = None, title: str = "", ylabel: str | None = None,
-                 logy: bool = False, palette=None):
-    """Bar chart of a tidy table with optional error bars (one bar group per ``x``, bars by ``hue``)."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+                 logy: bool = False, palette=None, chance: float | None = None):
+    """Bar chart of a tidy table with optional error bars (one bar group per ``x``, bars by ``hue``).
+
+    Bars start at zero; with ``logy`` the values are drawn as points (a bar on a log axis has no
+    honest base). Colours follow the collection's map (``color``) unless ``palette`` gives them.
+    With ``chance`` and ``err``, a table whose values all lie within two standard errors of chance is
+    not drawn: the function prints one line saying so and returns None (``save`` then writes nothing).
+    """
+    if chance is not None and err is not None and no_signal(df[y], df[err], chance):
+        print(f"{title or y}: every value is within two standard errors of chance ({chance:g}), "
+              "so no panel is drawn: the metric does not tell these variants apart here.")
+        return None
     xs = list(dict.fromkeys(df[x]))
     hues = list(dict.fromkeys(df[hue]))
+    colors = {**_palette(hues), **(palette or {})}
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.0 + 0.55 * len(xs) * len(hues)), 4.4))
     width = 0.8 / len(hues)
     for j, h in enumerate(hues):
         sub = df[df[hue] == h].set_index(x).reindex(xs)
         pos = np.arange(len(xs)) + (j - (len(hues) - 1) / 2) * width
-        color = (palette or DOMAIN_COLORS).get(h) if isinstance(palette or DOMAIN_COLORS, dict) else None
-        ax.bar(pos, sub[y].values, width, label=str(h), color=color,
-               yerr=None if err is None else sub[err].values, capsize=2)
+        yerr = None if err is None else sub[err].values
+        if logy:
+            ax.errorbar(pos, sub[y].values, yerr=yerr, fmt="o", ms=7, color=colors[h], label=str(h), capsize=3)
+        else:
+            ax.bar(pos, sub[y].values, width, label=str(h), color=colors[h], yerr=yerr, capsize=3)
     ax.set_xticks(np.arange(len(xs)), xs)
     if logy:
         ax.set_yscale("log")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1.2)
     ax.set(ylabel=ylabel or y, title=title)
-    ax.legend(title=hue, fontsize=8, frameon=False)
+    ax.legend(title=hue, frameon=False, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if len(hues) > 3 else {}))
+    fig.tight_layout()
+    return fig
+
+
+def paired_bars(rows, *, title: str = "", xlabel: str = "difference (a minus b)", label: str = "label",
+                lower_is_better: bool = True, z: float = 2.0, ax=None):
+    """Horizontal bars of paired differences with their paired intervals (diff ± ``z`` stderr).
+
+    For claims that are paired tests (``moelab.evaluate.paired_difference``): each bar is one
+    comparison, drawn from zero, its interval the one the verdict uses. A bar is coloured green when
+    the interval lies on the better side of zero, red on the worse side, grey when it crosses zero.
+
+    Args:
+        rows: records (dicts or a DataFrame) with ``label``, ``diff`` and ``stderr``.
+        lower_is_better: a negative difference is an improvement (bits per byte); False for accuracy.
+        ax: draw into this Axes instead of a new figure.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    better = -1.0 if lower_is_better else 1.0  # the sign of an improvement
+    colors = []
+    for d, se in zip(df["diff"], df["stderr"]):
+        lo, hi = better * d - z * se, better * d + z * se  # the interval, improvements positive
+        colors.append("#2CA02C" if lo > 0 else "#D62728" if hi < 0 else "#A0A0A0")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(df) + 1.6))
+    else:
+        fig = ax.figure
+    ypos = np.arange(len(df))[::-1]
+    ax.barh(ypos, df["diff"], xerr=z * df["stderr"], color=colors, capsize=3)
+    ax.set_yticks(ypos, df[label])
+    ax.axvline(0, color="k", lw=1)
+    ax.set(xlabel=f"{xlabel}; bars ± {z:g} paired standard errors", title=title)
     fig.tight_layout()
     return fig
 
@@ -128,18 +259,19 @@ def pareto_scatter(df, *, x: str, y: str, hue: str, label: str | None = None, ma
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
     else:
         fig = ax.figure
+    colors = _palette(df[hue])
     for j, (h, sub) in enumerate(df.groupby(hue, sort=False)):
-        color = f"C{j}"
+        color = colors[h]
         ax.errorbar(sub[x], sub[y], xerr=None if xerr is None else sub[xerr], yerr=None if yerr is None else sub[yerr],
                     fmt="o", color=color, alpha=0.8, ms=5, elinewidth=0.6, capsize=0, label=str(h))
         front = sub[pareto_front(sub[x], sub[y], maximize)].sort_values(x)
         ax.plot(front[x], front[y], "-", color=color, lw=1.4, alpha=0.7)
         if label is not None:  # one annotation per position: points that coincide share it
             for (px, py), at in sub.groupby([x, y], sort=False):
-                ax.annotate(", ".join(str(t) for t in at[label]), (px, py), fontsize=7, color=color,
+                ax.annotate(", ".join(str(t) for t in at[label]), (px, py), fontsize=9, color=color,
                             xytext=(4, 3 - 10 * j), textcoords="offset points")
     ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=title)
-    ax.legend(title=hue, fontsize=8, frameon=False)
+    ax.legend(title=hue, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -167,11 +299,28 @@ def expert_groups(saliency, groups, *, title: str = "", ylabel: str = "saliency"
     ax.bar(np.arange(len(s)), s[order], color=[colors[role.get(int(e), "dropped")] for e in order])
     for i, e in enumerate(order):
         if int(e) in parent:
-            ax.annotate(f"→{parent[int(e)]}", (i, s[e]), ha="center", fontsize=7, xytext=(0, 2),
+            ax.annotate(f"→{parent[int(e)]}", (i, s[e]), ha="center", fontsize=8, xytext=(0, 2),
                         textcoords="offset points")
-    ax.set_xticks(np.arange(len(s)), [str(int(e)) for e in order], fontsize=7)
+    ax.set_xticks(np.arange(len(s)), [str(int(e)) for e in order], fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for r, c in colors.items()]
-    ax.legend(handles, list(colors), fontsize=8, frameon=False)
+    ax.legend(handles, list(colors), frameon=False)
     ax.set(xlabel="expert (by descending saliency)", ylabel=ylabel, title=title)
     fig.tight_layout()
     return fig
+
+
+def segment_flow(flow, kept, dropped, *, title: str = ""):
+    """Heatmap of how many segments each dropped expert moved into each kept expert (DERN's
+    recombination, one layer), trimmed to the experts that moved or received something; the title
+    says how many were left out. Returns None (and prints why) when nothing moved."""
+    f = np.asarray(flow, dtype=float)
+    rows, cols = f.sum(1) > 0, f.sum(0) > 0
+    if not rows.any():
+        print(f"{title}: no segment of a dropped expert moved, so there is no flow to draw.")
+        return None
+    left_out = f"; not shown: {int((~rows).sum())} dropped experts that moved nothing, " \
+               f"{int((~cols).sum())} kept experts that received nothing" if (~rows).any() or (~cols).any() else ""
+    sub = f[rows][:, cols]
+    return heatmap(sub, xlabel="kept expert", ylabel="dropped expert", title=title + left_out,
+                   xticklabels=[k for k, c in zip(kept, cols) if c], yticklabels=[d for d, r in zip(dropped, rows) if r],
+                   cmap="mako", cbar_label="segments moved", annotate=sub.size <= 150)

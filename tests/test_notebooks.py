@@ -71,8 +71,13 @@ def test_notebook_shape_and_output_policy(nb):
     assert numbered == list(range(1, len(numbered) + 1)), f"sections are numbered 1, 2, ...: {numbered}"
     closing = [h for h in headings if not h[3:4].isdigit()]
     assert headings[len(numbered) - 1].startswith(f"## {len(numbered)}. Record the result"), headings
-    assert closing[0] == "## What we found" and closing[1].startswith("## Deviations"), closing
-    assert headings[-2:] == closing[:2], "What we found and the deviations close the notebook"
+    assert len(closing) == 3 and closing[0] == "## What we found" and closing[1].startswith("## Deviations") \
+        and closing[2] == "## Try this", f"the closing sections: What we found, Deviations, Try this: {closing}"
+    assert headings[-3:] == closing, "the closing sections come last"
+    exercises = "\n".join(c.source for c in cells[[i for i, c in enumerate(cells) if "## Try this" in c.source][0]:])
+    assert 2 <= exercises.count("<details>") == exercises.count("</details>") <= 3, "2-3 exercises, each with a solution"
+    figures = [i for i, c in enumerate(cells) if c.cell_type == "code" and "plots.save(" in c.source]
+    assert all(cells[i + 1].source.startswith("**What to look at.**") for i in figures), "every figure says what to look at"
     for c in cells:
         if c.cell_type == "code":
             assert not c.get("outputs") and c.get("execution_count") is None, "commit notebooks without outputs"
@@ -174,3 +179,33 @@ def test_a_relative_cache_is_made_absolute_before_the_kernels_start(tmp_path, mo
     assert os.environ["MOELAB_CACHE"] == str(tmp_path / "rel" / "cache")
     runner._absolute_cache_env()  # an absolute one is left as it is
     assert os.environ["MOELAB_CACHE"] == str(tmp_path / "rel" / "cache")
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_as_opened_with_its_own_defaults(nb, tmp_path):
+    """A notebook opened in JupyterLab runs top to bottom on its own parameters cell: no OUTPUT_DIR or
+    FIGURES_DIR injected (the runner sets them; a student's kernel does not), only a smaller model. It
+    writes under ../runs/interactive/ beside its own folder and leaves the published figures alone."""
+    import shutil
+
+    import papermill as pm
+
+    (tmp_path / "notebooks").mkdir()
+    copy = tmp_path / "notebooks" / nb.name
+    shutil.copy(nb, copy)
+    published = _digests(runner.ROOT / "figures")
+    pm.execute_notebook(str(copy), str(tmp_path / "out.ipynb"), parameters={"MODEL": "smoke"},
+                        cwd=str(copy.parent), kernel_name=runner.kernel_name(), progress_bar=False)
+    interactive = tmp_path / "runs" / "interactive"
+    rec = json.loads((interactive / nb.stem / "metrics.json").read_text())
+    head = rec["metrics"]["headline"]
+    assert head and all(isinstance(v, (int, float)) and math.isfinite(v) for v in head.values()), head
+    assert list((interactive / "figures").glob(f"{nb.stem[:2]}_*.png")), "no figure under runs/interactive/figures"
+    assert _digests(runner.ROOT / "figures") == published, "an interactive run changed the published figures"
