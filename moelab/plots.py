@@ -211,6 +211,7 @@ def paired_bars(rows, *, title: str = "", xlabel: str = "difference (a minus b)"
     ypos = np.arange(len(df))[::-1]
     ax.barh(ypos, df["diff"], xerr=z * df["stderr"], color=colors, capsize=3)
     ax.set_yticks(ypos, df[label])
+    ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=5))  # few ticks: small differences have long labels
     ax.axvline(0, color="k", lw=1)
     ax.set(xlabel=f"{xlabel}; bars ± {z:g} paired standard errors", title=title)
     fig.tight_layout()
