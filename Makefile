@@ -28,7 +28,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[notebooks,test]"
+	$(PY) -m pip install --quiet -e ".[notebooks,test,lmeval]"
 	$(PY) -m ipykernel install --sys-prefix --name moelab --display-name "Python (moelab)" >/dev/null
 	@touch $(STAMP)
 
