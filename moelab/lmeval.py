@@ -136,12 +136,16 @@ class LMEvalTask(evaluate.Task):
                 raise FileNotFoundError(f"include_path {p} does not exist (a folder of lm-eval task YAML files)")
         self.limit, self.num_fewshot, self.bos, self.filter, self.seed = limit, num_fewshot, bos, filter, seed
         self._kind: str | None = None
+        self._task_manager = None
         self.results: dict = {}
 
     def _manager(self):
-        from lm_eval.tasks import TaskManager
+        """lm-eval's task index (built once per task: indexing every YAML takes seconds)."""
+        if self._task_manager is None:
+            from lm_eval.tasks import TaskManager
 
-        return TaskManager(include_path=self.include_path or None)
+            self._task_manager = TaskManager(include_path=self.include_path or None)
+        return self._task_manager
 
     @property
     def kind(self) -> str:
@@ -171,12 +175,14 @@ class LMEvalTask(evaluate.Task):
         prefix = evaluate._prefix_ids(tokenizer) if self.bos == "moelab" else None
         lm = _moelab_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix=prefix,
                                 max_length=evaluate._max_length(model))
-        quiet = logging.getLogger("lm-eval").level
-        out = lm_eval.simple_evaluate(model=lm, tasks=[self.task], task_manager=self._manager(), limit=self.limit,
-                                      num_fewshot=self.num_fewshot, log_samples=True, random_seed=self.seed,
-                                      numpy_random_seed=self.seed, torch_random_seed=self.seed,
-                                      fewshot_random_seed=self.seed, verbosity="ERROR")
-        logging.getLogger("lm-eval").setLevel(quiet)
+        level = logging.getLogger("lm-eval").level  # simple_evaluate's verbosity sets it; put it back
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[self.task], task_manager=self._manager(), limit=self.limit,
+                                          num_fewshot=self.num_fewshot, log_samples=True, random_seed=self.seed,
+                                          numpy_random_seed=self.seed, torch_random_seed=self.seed,
+                                          fewshot_random_seed=self.seed, verbosity="ERROR")
+        finally:
+            logging.getLogger("lm-eval").setLevel(level)
         self.results = out["results"][self.task]
         samples = sorted(out["samples"][self.task], key=lambda s: s["doc_id"])
         filters = list(dict.fromkeys(s.get("filter", "none") for s in samples))

@@ -20,11 +20,9 @@ DOMAIN_COLORS = {"general": "#4C72B0", "math": "#DD8452", "code": "#55A868"}
 # prefix ("REAP 0.25" and "REAP pruning" are REAP), case-sensitively.
 METHOD_COLORS = {
     "original": "#3A3A3A",
-    "teacher": "#3A3A3A",
     "frequency": "#8172B3",
     "soft_logit": "#937860",
     "REAP": "#C44E52",
-    "reap": "#C44E52",
     "random": "#A0A0A0",
     "REAM": "#1F77B4",
     "HC-SMoE": "#17BECF",
@@ -33,10 +31,7 @@ METHOD_COLORS = {
     "MC-SMoE": "#8C1C6B",
     "DERN": "#2CA02C",
     "NAEE": "#BCBD22",
-    "pruning": "#C44E52",
-    "uniform": "#8172B3",
-    "last": "#8172B3",
-    "cosine": "#2CA02C",
+    "pruning": "#E15759",
     "activation": "#1F77B4",
 }
 _FALLBACK = ["#FF7F0E", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F", "#1B9E77", "#D95F02", "#7570B3", "#66A61E"]
@@ -45,11 +40,9 @@ _FALLBACK = ["#FF7F0E", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F", "#1B9E77", "
 def color(name, default=None):
     """The collection's colour for a method or domain name (exact, then longest prefix), else ``default``."""
     key = str(name)
-    for table in (DOMAIN_COLORS, METHOD_COLORS):
-        if key in table:
-            return table[key]
-    best = max((k for k in (*DOMAIN_COLORS, *METHOD_COLORS) if key.startswith(k + " ")), key=len, default=None)
-    return color(best) if best is not None else default
+    known = {**DOMAIN_COLORS, **METHOD_COLORS}
+    best = max((k for k in known if key == k or key.startswith(k + " ")), key=len, default=None)
+    return known[best] if best is not None else default
 
 
 def palette(names) -> dict:

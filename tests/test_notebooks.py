@@ -24,13 +24,19 @@ def _finite(x):
     return True
 
 
+def _recorded(path) -> dict:
+    """A notebook's metrics.json, checked: a non-empty headline of finite numbers."""
+    rec = json.loads(path.read_text())
+    head = rec["metrics"]["headline"]
+    assert head and all(isinstance(v, (int, float)) and math.isfinite(v) for v in head.values()), head
+    return rec
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_smoke_run(nb):
     out = runner.run("smoke", only=nb.stem, progress=False)
-    rec = json.loads((out / nb.stem / "metrics.json").read_text())
-    head = rec["metrics"]["headline"]
-    assert head and all(isinstance(v, (int, float)) and math.isfinite(v) for v in head.values()), head
+    rec = _recorded(out / nb.stem / "metrics.json")
     assert _finite(rec["metrics"])
     assert rec["seed"] is not None and rec["versions"]["torch"]
     figures = list((out / "figures").glob(f"{nb.stem[:2]}_*.png"))
@@ -204,8 +210,6 @@ def test_notebook_runs_as_opened_with_its_own_defaults(nb, tmp_path):
     pm.execute_notebook(str(copy), str(tmp_path / "out.ipynb"), parameters={"MODEL": "smoke"},
                         cwd=str(copy.parent), kernel_name=runner.kernel_name(), progress_bar=False)
     interactive = tmp_path / "runs" / "interactive"
-    rec = json.loads((interactive / nb.stem / "metrics.json").read_text())
-    head = rec["metrics"]["headline"]
-    assert head and all(isinstance(v, (int, float)) and math.isfinite(v) for v in head.values()), head
+    _recorded(interactive / nb.stem / "metrics.json")
     assert list((interactive / "figures").glob(f"{nb.stem[:2]}_*.png")), "no figure under runs/interactive/figures"
     assert _digests(runner.ROOT / "figures") == published, "an interactive run changed the published figures"
