@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["check_finite", "checkpoint_bytes", "source_bytes", "save_checkpoint", "save_and_check", "model_dtype",
-           "record", "load_record", "write_json_atomic", "git_revision", "package_versions", "recover_interrupted"]
+           "record", "load_record", "write_json_atomic", "git_revision", "package_versions", "recover_interrupted",
+           "load_outside_moelab", "check_outside_moelab"]
 
 
 def _source_dirs(model, source) -> list[Path]:
@@ -106,10 +107,10 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool | str = F
     its config (see ``moelab.models.check_consistency``).
 
     A MoE model whose layers keep different expert counts (``models.set_expert_counts_config``) is
-    written in moelab's non-uniform form (``moelab.models`` docstring): config.json with the per-layer
-    counts and the weights in ``models.NONUNIFORM_WEIGHTS``, which ``models.load_model`` / ``zoo.load``
-    reload and plain ``from_pretrained`` refuses. Every other model is a plain ``save_pretrained``
-    checkpoint.
+    written with its own modeling file (``moelab.models`` docstring): stock transformers and every tool
+    built on it (lm-eval, pipelines) load it with ``trust_remote_code=True``, plain ``from_pretrained``
+    refuses it asking for that flag, and ``models.load_model`` / ``zoo.load`` reload it without running
+    the file. Every other model is a plain ``save_pretrained`` checkpoint.
     """
     out = Path(out_dir).expanduser().resolve()
     for src in _source_dirs(model, source):
@@ -312,29 +313,44 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
 
 
 def _save_nonuniform(model, path: Path, dtype: torch.dtype | None = None) -> None:
-    """Write a model with per-layer expert counts in moelab's form (``moelab.models`` docstring)."""
-    import copy
+    """Write a model with per-layer expert counts with its modeling file (``moelab.nonuniform_modeling``).
 
-    from safetensors.torch import _remove_duplicate_names, save_file
+    The weights are the model's state dict under its in-memory names (``save_pretrained`` without
+    converting them back to the family's original layout, so they are exactly the tensors the
+    modeling file's model expects; sharded and with tied tensors once, as ``save_pretrained`` does),
+    config.json is the family's config under the modeling file's ``model_type`` with ``auto_map``, the
+    family and the plan of expert-indexed tensors. Before the checkpoint is put in place, the modeling
+    file's model is built from the written config and checked against ``model`` tensor by tensor.
+    """
+    import json
 
-    from .models import NONUNIFORM_WEIGHTS
+    from . import nonuniform_modeling
+    from .models import (NONUNIFORM_BASE_KEY, NONUNIFORM_MODELING, NONUNIFORM_PLAN_KEY, NONUNIFORM_TYPE_PREFIX,
+                         _family_type, expert_tensor_plan, nonuniform_classes, shape_problems)
 
     dtype = dtype or model_dtype(model)
-    path.mkdir(parents=True)
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    config.dtype = dtype
-    config.save_pretrained(path)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
-    # tied tensors (embeddings / LM head) are stored once, under the name safetensors' own save_model
-    # keeps; the loader restores the tie
-    state = _cast_state_dict(model, dtype)  # keeps tied tensors one tensor, so they are found and dropped here
-    for _kept, dropped in _remove_duplicate_names(state).items():
-        for name in dropped:
-            del state[name]
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / NONUNIFORM_WEIGHTS),
-              metadata={"format": "pt", "moelab": "nonuniform-experts/1"})
+    base = _family_type(model.config)
+    plan = expert_tensor_plan(model)
+    model.save_pretrained(path, state_dict=_cast_state_dict(model, dtype), save_original_format=False)
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update({"model_type": NONUNIFORM_TYPE_PREFIX + base, NONUNIFORM_BASE_KEY: base, NONUNIFORM_PLAN_KEY: plan,
+                "architectures": ["MoelabNonUniformForCausalLM"], "dtype": str(dtype).replace("torch.", ""),
+                "auto_map": {"AutoConfig": f"{NONUNIFORM_MODELING[:-3]}.MoelabNonUniformConfig",
+                             "AutoModelForCausalLM": f"{NONUNIFORM_MODELING[:-3]}.MoelabNonUniformForCausalLM"}})
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    source = Path(nonuniform_modeling.__file__).read_text()
+    line = f'BASE_MODEL_TYPE = "{nonuniform_modeling.BASE_MODEL_TYPE}"'
+    if source.count(line) != 1:
+        raise RuntimeError(f"moelab/nonuniform_modeling.py must hold the line {line!r} exactly once")
+    (path / NONUNIFORM_MODELING).write_text(source.replace(line, f'BASE_MODEL_TYPE = "{base}"'))
+    config_class, model_class = nonuniform_classes(base)
+    with torch.device("meta"):
+        rebuilt = model_class(config_class.from_pretrained(path))
+    problems = shape_problems(model, rebuilt)
+    if problems:
+        raise ValueError("the modeling file would not rebuild this model: " + "; ".join(problems[:8]))
 
 
 def checkpoint_bytes(path) -> int:
@@ -439,6 +455,85 @@ def save_and_check(model, out_dir, tokenizer=None, *, check_ids, source=None, dt
             "model_dtype": str(own).replace("torch.", ""), "bytes": new, "original_bytes": orig,
             "share": new / orig if orig else float("nan"), "tensors_checked": len(mine),
             "max_logit_diff": diff, "top1_agreement": top1, "compared": compared}
+
+
+_OUTSIDE = r"""
+import sys
+sys.modules["moelab"] = None  # the checkpoint must load without moelab: any import of it fails
+import json, torch
+from transformers import AutoModelForCausalLM
+paths, ids_file, out_file, threads = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)  # the caller's: the same reduction order, so the same float32 sums
+ids, found = torch.load(ids_file), {}
+for path in paths:
+    row = {}
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+        row["plain"] = "loaded"
+    except Exception as exc:
+        row["plain"] = f"refused: {type(exc).__name__}: {exc}"
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="auto").eval()
+    with torch.no_grad():
+        row["logits"] = model(input_ids=ids).logits.float()
+    row["class"] = type(model).__module__ + "." + type(model).__name__
+    row["kernels"] = [getattr(model.config, "_attn_implementation", None),
+                      getattr(model.config, "_experts_implementation", None)]
+    found[path] = row
+torch.save(found, out_file)
+"""
+
+
+def load_outside_moelab(paths, check_ids, *, timeout: float = 900) -> dict:
+    """Load checkpoints the way a user without moelab does, in a fresh Python process.
+
+    The process makes ``import moelab`` fail, then for each checkpoint tries plain
+    ``AutoModelForCausalLM.from_pretrained(path)`` and records whether it loaded or was refused (and why),
+    loads it with ``trust_remote_code=True`` (a non-uniform checkpoint's own modeling file; a uniform one
+    is the family's class either way) and computes float32 logits on ``check_ids`` with the caller's
+    number of torch threads.
+
+    Returns:
+        ``{str(path): {"plain": "loaded" | "refused: <error>", "class": "<module>.<class>",
+        "kernels": [attention, experts implementation], "logits": [B, L, V] float32 tensor}}``.
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    paths = [str(Path(p).expanduser().resolve()) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file, out_file = Path(tmp) / "ids.pt", Path(tmp) / "out.pt"
+        torch.save(torch.as_tensor(check_ids).cpu(), ids_file)
+        done = subprocess.run([sys.executable, "-c", _OUTSIDE, json.dumps(paths), str(ids_file), str(out_file),
+                               str(torch.get_num_threads())],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+        if done.returncode != 0:
+            raise RuntimeError(f"loading {paths} outside moelab failed:\n{done.stderr[-3000:]}")
+        return torch.load(out_file)
+
+
+def check_outside_moelab(path, check_ids, reference_logits, *, max_bytes: int = 2 * 2**30) -> dict:
+    """How a user without moelab meets the checkpoint at ``path`` (:func:`load_outside_moelab`).
+
+    Compares the logits transformers computes with ``trust_remote_code=True`` in a fresh process with
+    ``reference_logits`` (the saved model's on ``check_ids``). A checkpoint above ``max_bytes`` is not
+    loaded a second time beside the model that is still in memory (the fresh process would hold a
+    whole copy on the CPU): the check says so and is left to the user.
+
+    Returns:
+        ``{"plain_from_pretrained": "loaded" | "refused: ...", "trust_remote_code": "<class>" | "skipped: ...",
+        "max_logit_diff": float | None}``.
+    """
+    size = checkpoint_bytes(path)
+    if size > max_bytes:
+        return {"plain_from_pretrained": None, "max_logit_diff": None,
+                "trust_remote_code": f"skipped: the checkpoint is {size / 2**30:.1f} GiB, above max_bytes; run "
+                                     "io.load_outside_moelab on it when the model is no longer in memory"}
+    row = load_outside_moelab([path], check_ids)[str(Path(path).expanduser().resolve())]
+    diff = float((row["logits"] - torch.as_tensor(reference_logits).float().cpu()).abs().max())
+    return {"plain_from_pretrained": row["plain"].split("\n")[0], "trust_remote_code": row["class"].rsplit(".", 1)[-1],
+            "max_logit_diff": diff}
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,26 +19,35 @@ and are checked against a reference model built on the meta device from the edit
 ``save_pretrained`` + ``from_pretrained`` rebuild exactly the edited model.
 
 Per-layer expert counts (MC-SMoE's adaptive merging, MC-SMoE, arXiv 2310.01334). A transformers config
-holds one routed-expert count for all layers, so a model whose MoE layers keep different counts
-cannot be rebuilt by ``from_pretrained`` (it fails on the shape mismatch, and with
-``ignore_mismatched_sizes=True`` it silently re-initialises the mismatched experts). moelab writes such
-a model in its own documented form, which only ``load_model`` (and so ``zoo.load``) reloads:
+holds one routed-expert count for all layers, so the family's own class cannot rebuild a model whose
+MoE layers keep different counts (it fails on the shape mismatch, and with
+``ignore_mismatched_sizes=True`` it silently re-initialises the mismatched experts).
+``moelab.io.save_checkpoint`` writes such a model as a checkpoint that carries its own modeling file,
+which stock transformers runs with ``trust_remote_code=True``:
 
 * ``config.json``: the family's config with its count field (``num_experts``, ``num_local_experts``,
   ``n_routed_experts`` ...) set to the LARGEST per-layer count, plus ``moelab_experts_per_layer``
   (:data:`NONUNIFORM_KEY`): one entry per decoder layer, the routed-expert count of a MoE layer and
-  ``null`` for a dense layer. :func:`set_expert_counts_config` writes both from the modules.
-* the weights in ``moelab-nonuniform-experts.safetensors`` (:data:`NONUNIFORM_WEIGHTS`): the model's
-  ``state_dict`` as it is in memory (fused expert tensors under their module names, tied tensors
-  stored once), written by ``moelab.io.save_checkpoint``. The file deliberately is not
-  ``model.safetensors``: ``from_pretrained`` finds no weights and raises ``OSError`` ("no file named
-  model.safetensors"), whatever class or flags it is given, instead of building the wrong shapes.
+  ``null`` for a dense layer (:func:`set_expert_counts_config` writes both from the modules);
+  ``moelab_expert_tensors`` (:data:`NONUNIFORM_PLAN_KEY`, :func:`expert_tensor_plan`): which tensors
+  of a decoder layer are indexed by expert and which attributes cache the count; ``model_type``
+  ``moelab_nonuniform_<family>`` with the family in ``moelab_base_model_type``, and ``auto_map``
+  pointing at the modeling file;
+* ``modeling_moelab_nonuniform.py`` (:data:`NONUNIFORM_MODELING`, the source of
+  ``moelab.nonuniform_modeling``): the family's classes, whose ``__init__`` cuts each MoE layer to its
+  count and whose ``from_pretrained`` loads strictly. It imports nothing from moelab;
+* ``model.safetensors`` (sharded as ``save_pretrained`` shards): the state dict under its in-memory
+  names (fused expert tensors, tied tensors once);
 * ``generation_config.json`` and the tokenizer files as usual.
 
-``load_model`` builds the family's model from that config without initialising it, slices each MoE
-layer to its count, checks the result against the config, and loads the tensors strictly; the
-logits are identical to the saved model's. A model whose layers all have the same count is always
-saved as a plain ``from_pretrained`` checkpoint.
+Without ``trust_remote_code=True``, transformers does not know the model_type and stops with its own
+message asking for the flag, so nothing ever builds the wrong shapes. :func:`load_model` (and so
+``zoo.load``) reloads the checkpoint with moelab's own copy of the classes (it never runs the file in
+the checkpoint) through ``from_pretrained`` (every placement option works), returns the family's own
+class with each layer at its count, and checks it against the config; the logits are those of the
+saved model. Checkpoints of moelab's earlier form (the weights in ``moelab-nonuniform-experts.safetensors``,
+:data:`NONUNIFORM_WEIGHTS`, and no modeling file) still load, on one device. A model whose layers all
+have the same count is always saved as a plain ``from_pretrained`` checkpoint.
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ from torch import Tensor, nn
 __all__ = [
     "FAMILIES",
     "NONUNIFORM_KEY",
+    "NONUNIFORM_MODELING",
+    "NONUNIFORM_PLAN_KEY",
     "NONUNIFORM_WEIGHTS",
     "FamilySpec",
     "MoELayer",
@@ -66,6 +77,9 @@ __all__ = [
     "check_target",
     "decoder_layers",
     "expert_counts",
+    "expert_tensor_plan",
+    "nonuniform_classes",
+    "shape_problems",
     "experts_per_layer",
     "family_of",
     "is_offloaded",
@@ -79,6 +93,7 @@ __all__ = [
     "slice_hidden",
     "tiny_config",
     "tiny_model",
+    "tiny_nonuniform_model",
     "valid_expert_counts",
 ]
 
@@ -410,10 +425,19 @@ def _looks_moe(model: nn.Module) -> str | None:
     return None
 
 
+def _family_type(config) -> str | None:
+    """The family's model_type; a non-uniform checkpoint loaded through its own modeling file
+    (``trust_remote_code=True``) names its family in ``moelab_base_model_type``."""
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type.startswith(NONUNIFORM_TYPE_PREFIX):
+        return getattr(config, NONUNIFORM_BASE_KEY, None) or model_type[len(NONUNIFORM_TYPE_PREFIX):]
+    return model_type
+
+
 def family_of(model: nn.Module) -> FamilySpec:
     """The :class:`FamilySpec` describing ``model``; clear errors for other models."""
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
+    model_type = _family_type(cfg)
     cls = type(model).__name__
     if model_type in FAMILIES:
         return FAMILIES[model_type]
@@ -967,7 +991,11 @@ def set_num_experts_config(model: nn.Module, n: int) -> None:
 # ---- per-layer expert counts (the non-uniform form; see the module docstring) ----------------
 
 NONUNIFORM_KEY = "moelab_experts_per_layer"
-NONUNIFORM_WEIGHTS = "moelab-nonuniform-experts.safetensors"
+NONUNIFORM_PLAN_KEY = "moelab_expert_tensors"
+NONUNIFORM_BASE_KEY = "moelab_base_model_type"
+NONUNIFORM_TYPE_PREFIX = "moelab_nonuniform_"
+NONUNIFORM_MODELING = "modeling_moelab_nonuniform.py"
+NONUNIFORM_WEIGHTS = "moelab-nonuniform-experts.safetensors"  # the earlier form's weights file
 
 
 def expert_counts(model: nn.Module) -> dict[int, int]:
@@ -990,7 +1018,7 @@ def experts_per_layer(config) -> dict[int, int] | None:
     out = {i: int(c) for i, c in enumerate(counts) if c is not None}
     if not out or min(out.values()) < 1:
         raise ValueError(f"config.{NONUNIFORM_KEY} needs a count >= 1 for every MoE layer; got {counts!r}")
-    spec = FAMILIES.get(getattr(config, "model_type", None))
+    spec = FAMILIES.get(_family_type(config))
     if spec is not None and getattr(config, spec.num_experts_field, None) != max(out.values()):
         raise ValueError(
             f"config.{spec.num_experts_field}={getattr(config, spec.num_experts_field, None)} must be the largest "
@@ -1052,7 +1080,19 @@ def check_consistency(model: nn.Module, config=None) -> None:
     Builds the model class on the meta device from the config and compares every parameter and
     buffer shape and every cached scalar attribute (counts, widths, in/out features ...).
     """
-    ref = _meta_reference(model, config)
+    problems = shape_problems(model, _meta_reference(model, config))
+    if problems:
+        more = f" (+{len(problems) - 12} more)" if len(problems) > 12 else ""
+        raise ValueError(
+            f"{type(model).__name__} is inconsistent with its config (from_pretrained would not rebuild it): "
+            + "; ".join(problems[:12])
+            + more
+        )
+
+
+def shape_problems(model: nn.Module, ref: nn.Module) -> list[str]:
+    """How ``model`` differs from ``ref`` (a model built from a config, e.g. on the meta device): every
+    parameter and buffer shape and every cached scalar attribute (counts, widths, in/out features ...)."""
     problems = []
     mine = dict(model.named_parameters(remove_duplicate=False))
     mine.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -1078,13 +1118,7 @@ def check_consistency(model: nn.Module, config=None) -> None:
                     problems.append(f"{name}.{a} = {v}, config gives {rv}")
             elif rv is not None and v != rv and type(v) is type(rv):
                 problems.append(f"{name}.{a} = {v}, config gives {rv}")
-    if problems:
-        more = f" (+{len(problems) - 12} more)" if len(problems) > 12 else ""
-        raise ValueError(
-            f"{type(model).__name__} is inconsistent with its config (from_pretrained would not rebuild it): "
-            + "; ".join(problems[:12])
-            + more
-        )
+    return problems
 
 
 def _warn_group_mix(layer: MoELayer, idx: Tensor) -> None:
@@ -1756,22 +1790,13 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
     CPU or to ``offload_folder`` on disk; moe_layers()/route()/expert_weights() still read such a
     model (through the offload hooks), but editing it raises: load without offload to edit.
 
-    A local checkpoint in moelab's non-uniform form (per-layer expert counts, module docstring) is
-    rebuilt by moelab itself; it takes ``dtype`` and a ``device_map`` of None or one device.
+    A local checkpoint with per-layer expert counts (module docstring) is loaded with moelab's own copy
+    of the classes its modeling file defines (it never runs the checkpoint's code) and comes back as the
+    family's own class, each MoE layer at its count; every option above works for it too.
     """
     from transformers import AutoModelForCausalLM
 
     check_weight_files(path_or_id)
-    if _is_nonuniform_checkpoint(path_or_id):
-        if max_memory is not None or offload_folder is not None or kwargs:
-            raise ValueError(
-                f"{path_or_id} is a moelab checkpoint with per-layer expert counts; load_model rebuilds it "
-                f"with dtype and a single-device device_map only (got max_memory={max_memory!r}, "
-                f"offload_folder={offload_folder!r}, {sorted(kwargs)})")
-        model = _load_nonuniform(path_or_id, device_map, dtype)
-        model.moelab_source_dtype = checkpoint_dtype(path_or_id)
-        check_routing(model, path_or_id)
-        return model
     if device_map is not None:
         kwargs["device_map"] = device_map
     if dtype is not None:
@@ -1780,6 +1805,11 @@ def load_model(path_or_id, device_map=None, dtype=None, max_memory=None, offload
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
+    if _is_nonuniform_checkpoint(path_or_id):
+        model = _load_nonuniform(path_or_id, **kwargs)
+        model.moelab_source_dtype = checkpoint_dtype(path_or_id)
+        check_routing(model, path_or_id)
+        return model
     source_dtype = checkpoint_dtype(path_or_id)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     # The dtype the checkpoint is stored in: moelab.io saves a compressed model in it again.
@@ -1830,36 +1860,91 @@ def check_routing(model: nn.Module, where="the model") -> None:
 
 
 def _is_nonuniform_checkpoint(path_or_id) -> bool:
-    """True for a local directory in the non-uniform form; raises when it is half of one."""
+    """True for a local directory with per-layer expert counts; raises when it is half of one."""
     import json
     from pathlib import Path
 
     p = Path(str(path_or_id)).expanduser()
     if not (p / "config.json").is_file():
         return False
-    has_key = NONUNIFORM_KEY in json.loads((p / "config.json").read_text())
-    has_file = (p / NONUNIFORM_WEIGHTS).is_file()
-    if has_key != has_file:
-        raise ValueError(
-            f"{p} is a broken moelab non-uniform checkpoint: config.json "
-            f"{'lists' if has_key else 'lacks'} {NONUNIFORM_KEY} but {NONUNIFORM_WEIGHTS} is "
-            f"{'missing' if has_key else 'present'}")
-    return has_key
+    cfg = json.loads((p / "config.json").read_text())
+    if NONUNIFORM_KEY not in cfg:
+        if (p / NONUNIFORM_WEIGHTS).is_file() or str(cfg.get("model_type", "")).startswith(NONUNIFORM_TYPE_PREFIX):
+            raise ValueError(f"{p} is a broken moelab non-uniform checkpoint: config.json lacks {NONUNIFORM_KEY}, "
+                             "the per-layer expert counts; save the model again")
+        return False
+    if (p / NONUNIFORM_WEIGHTS).is_file():  # the earlier form: moelab's own weights file
+        return True
+    missing = [f for f, ok in ((NONUNIFORM_MODELING, (p / NONUNIFORM_MODELING).is_file()),
+                               (f"{NONUNIFORM_PLAN_KEY} in config.json", NONUNIFORM_PLAN_KEY in cfg),
+                               ("model.safetensors (or its index)", (p / "model.safetensors").is_file()
+                                or (p / "model.safetensors.index.json").is_file())) if not ok]
+    if missing:
+        raise ValueError(f"{p} is a broken moelab non-uniform checkpoint: config.json lists {NONUNIFORM_KEY} but "
+                         f"{', '.join(missing)} is missing; save the model again")
+    return True
 
 
-def _load_nonuniform(path, device_map=None, dtype=None) -> nn.Module:
-    """Rebuild a checkpoint with per-layer expert counts (module docstring), in eval mode."""
+def nonuniform_classes(base_model_type: str):
+    """moelab's own copy of the (config, causal-LM) classes a non-uniform checkpoint's modeling file
+    defines (``moelab.nonuniform_modeling``), for family ``base_model_type``; built once per family."""
+    if base_model_type not in _NONUNIFORM_CLASSES:
+        from . import nonuniform_modeling
+
+        _NONUNIFORM_CLASSES[base_model_type] = nonuniform_modeling.classes_for(base_model_type)
+    return _NONUNIFORM_CLASSES[base_model_type]
+
+
+_NONUNIFORM_CLASSES: dict[str, tuple] = {}
+
+
+def _load_nonuniform(path, device_map=None, dtype=None, **kwargs) -> nn.Module:
+    """Rebuild a checkpoint with per-layer expert counts (module docstring), in eval mode.
+
+    moelab loads it with its own copy of the checkpoint's classes (it never runs the checkpoint's
+    code) through transformers' ``from_pretrained``, so ``device_map="auto"``, ``max_memory`` and
+    offloading work as for any checkpoint. The model comes back as the family's own class with each
+    MoE layer at its count: the checkpoint's subclass differs from it only in how it is built.
+    """
+    import json
     from pathlib import Path
 
+    path = Path(str(path)).expanduser().resolve()
+    if (path / NONUNIFORM_WEIGHTS).is_file():
+        if kwargs:
+            raise ValueError(f"{path} is in moelab's earlier non-uniform form (one {NONUNIFORM_WEIGHTS}); it loads with "
+                             f"dtype and a single-device device_map only (got {sorted(kwargs)}); save it again to "
+                             "write the current form")
+        return _load_nonuniform_earlier(path, device_map, dtype)
+    base = json.loads((path / "config.json").read_text())[NONUNIFORM_BASE_KEY]
+    config_class, model_class = nonuniform_classes(base)
+    config = config_class.from_pretrained(path)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = model_class.from_pretrained(path, config=config, **kwargs)
+    # the family's own classes again (the subclasses add no state): moelab and save_pretrained see the
+    # family's model, whose layers happen to keep different counts
+    model.__class__ = model_class.__mro__[1]
+    model.config.__class__ = config_class.__mro__[1]
+    for key in ("auto_map", "model_type", NONUNIFORM_BASE_KEY, NONUNIFORM_PLAN_KEY):
+        model.config.__dict__.pop(key, None)
+    model.config.architectures = [model.__class__.__name__]
+    check_consistency(model)
+    return model.eval()
+
+
+def _load_nonuniform_earlier(path, device_map=None, dtype=None) -> nn.Module:
+    """The earlier non-uniform form: the state dict in :data:`NONUNIFORM_WEIGHTS`, no modeling file."""
     from safetensors.torch import load_model as load_safetensors
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
-    path = Path(str(path)).expanduser().resolve()
     if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         raise ValueError(
-            f"{path} has per-layer expert counts: moelab loads it on one device (device_map=None, 'cpu', "
-            f"'cuda:0', ...), not with device_map={device_map!r}")
+            f"{path} is in moelab's earlier non-uniform form: it loads on one device (device_map=None, 'cpu', "
+            f"'cuda:0', ...), not with device_map={device_map!r}; save it again to write the current form")
     config = AutoConfig.from_pretrained(path)
     counts = experts_per_layer(config)
     if dtype in (None, "auto"):
@@ -1878,6 +1963,67 @@ def _load_nonuniform(path, device_map=None, dtype=None) -> nn.Module:
     if device_map is not None:
         model.to(device_map)
     return model.eval()
+
+
+def _base_class(model: nn.Module) -> type:
+    """The family's causal-LM class of ``model`` (past the subclass a non-uniform checkpoint defines)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ != "MoelabNonUniformForCausalLM":
+            return cls
+    raise TypeError(type(model).__name__)
+
+
+def expert_tensor_plan(model: nn.Module) -> dict:
+    """What a non-uniform checkpoint's modeling file must cut to build each layer at its own count.
+
+    Compares ``model`` with its family's model built on the meta device at the config's (largest)
+    count: the tensors of a decoder layer whose expert dimension differs, ``[name, dim]``, and the
+    integer attributes that cache the count, ``[module, attribute]``, both relative to the decoder
+    layer. Every MoE layer with fewer experts than the largest count must give the same plan.
+    """
+    counts = expert_counts(model)
+    top = max(counts.values())
+    config = copy.deepcopy(model.config)
+    if NONUNIFORM_KEY in vars(config):
+        delattr(config, NONUNIFORM_KEY)
+    with torch.device("meta"):
+        ref = _base_class(model)(config)
+    mine, theirs = decoder_layers(model), decoder_layers(ref)
+    plans = {}
+    for i, n in counts.items():
+        if n == top:
+            continue
+        a, b = mine[i], theirs[i]
+        ref_tensors = dict(b.named_parameters()) | dict(b.named_buffers())
+        tensors = []
+        for name, t in list(a.named_parameters()) + list(a.named_buffers()):
+            r = ref_tensors[name]
+            if tuple(t.shape) == tuple(r.shape):
+                continue
+            dims = [d for d in range(t.dim()) if t.shape[d] != r.shape[d]]
+            if len(dims) != 1 or r.shape[dims[0]] != top or t.shape[dims[0]] != n:
+                raise ValueError(f"layer {i}: {name} is {tuple(t.shape)} against {tuple(r.shape)} at {top} experts; "
+                                 "only the expert dimension may differ between layers")
+            owner = a.get_submodule(name.rpartition(".")[0])
+            if name.rpartition(".")[2] in owner._non_persistent_buffers_set:
+                raise ValueError(f"layer {i}: {name} is an expert-indexed buffer the checkpoint does not store")
+            tensors.append([name, dims[0]])
+        ref_modules = dict(b.named_modules())
+        attributes = []
+        for mname, m in a.named_modules():
+            for attr, v in vars(m).items():
+                rv = getattr(ref_modules[mname], attr, None)
+                if type(v) is int and type(rv) is int and (v, rv) == (n, top):
+                    attributes.append([mname, attr])
+        plans[i] = {"tensors": sorted(tensors), "attributes": sorted(attributes)}
+    if not plans:
+        raise ValueError("every MoE layer keeps the same count: the model is a plain checkpoint, with no plan")
+    first = next(iter(plans.values()))
+    for i, plan in plans.items():
+        if plan != first:
+            raise ValueError(f"layer {i} stores its experts differently from layer {next(iter(plans))}: {plan} "
+                             f"against {first}")
+    return first
 
 
 # --------------------------------------------------------------------------------------------
@@ -2006,3 +2152,22 @@ def tiny_model(family: str, num_experts: int = 8, top_k: int = 2, seed: int = 0,
                     t = getattr(ex, name)
                     t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     return model.eval()
+
+
+def tiny_nonuniform_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """:func:`tiny_model` with 8 experts whose MoE layers then keep different counts (the first all 8,
+    the others the family's valid counts in turn; alternate layers keep their first or last experts),
+    recorded with :func:`set_expert_counts_config`: the shape of an adaptive MC-SMoE model."""
+    model = tiny_model(family, num_experts=8, seed=seed, **overrides)
+    options = sorted(set(valid_expert_counts(model)) | {8}, reverse=True)
+    for j, layer in enumerate(moe_layers(model)):
+        n = options[j % len(options)]
+        if n == 8:
+            continue
+        idx = torch.arange(8 - n, 8) if j % 2 else torch.arange(n)
+        set_experts(model, layer.layer_idx, {k: v[idx] for k, v in layer.expert_weights().items()},
+                    layer.router_weight()[idx], {k: v[idx] for k, v in layer.expert_indexed().items()})
+    counts = set_expert_counts_config(model)
+    if len(set(counts.values())) < 2:
+        raise ValueError(f"{family}: no two MoE layers could keep different counts ({counts})")
+    return model

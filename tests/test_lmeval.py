@@ -135,3 +135,54 @@ def test_bad_lm_eval_input_names_the_fix(tmp_path, smoke):
         lmeval.lm_eval_task("x", bos="sometimes")
     with pytest.raises(ValueError, match="knows no task"):
         lmeval.lm_eval_task("no_such_task_here", include_path=tmp_path).kind
+
+
+_OUTSIDE_LM_EVAL = r"""
+import sys
+sys.modules["moelab"] = None  # a user without moelab
+import json, lm_eval
+from lm_eval.tasks import TaskManager
+path, include, task = sys.argv[1:4]
+out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},trust_remote_code=True,dtype=float32",
+                              tasks=[task], task_manager=TaskManager(include_path=include), log_samples=True,
+                              batch_size=4, device="cpu", verbosity="ERROR")
+samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+print(json.dumps({"loglik": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
+                  "acc": out["results"][task]["acc,none"]}))
+"""
+
+
+def test_lm_eval_runs_a_nonuniform_checkpoint_without_moelab(tasks_dir, tmp_path):
+    """MC-SMoE's per-layer counts through `lm_eval --model hf` in a process without moelab: the
+    checkpoint's modeling file loads it (trust_remote_code=True) and lm-eval's per-item
+    log-likelihoods equal those of the in-memory model scored through moelab's backend."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from moelab import io, models, zoo
+
+    model, tok = zoo.load("smoke")  # its own copy: the session's smoke model is not edited
+    for j, layer in enumerate(models.moe_layers(model)):
+        if j % 2 == 0:
+            continue
+        idx = torch.arange(layer.num_experts - 2 * j if layer.num_experts - 2 * j > layer.top_k else layer.top_k + 1)
+        models.set_experts(model, layer.layer_idx, {k: v[idx] for k, v in layer.expert_weights().items()},
+                           layer.router_weight()[idx], {k: v[idx] for k, v in layer.expert_indexed().items()})
+    counts = models.set_expert_counts_config(model)
+    assert len(set(counts.values())) > 1, counts
+    path = io.save_checkpoint(model, tmp_path / "nonuniform", tok)
+    root, _ = tasks_dir
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _OUTSIDE_LM_EVAL, str(path), str(root), "moelab_local_mc"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = lmeval.lm_eval_task("moelab_local_mc", include_path=root, bos="lm-eval")
+    ours.score(model, tok)
+    a, b = np.array(theirs["loglik"]), np.array([d["loglik"] for d in ours.details])
+    assert a.shape == b.shape == (len(ITEMS), 3)
+    print(f"max per-item |loglik diff| outside moelab vs in memory: {np.abs(a - b).max():.3g} nats")
+    assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
