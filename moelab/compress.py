@@ -40,7 +40,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from . import merge, models, observe, prune, scores
+from . import merge, models, observe, prune, recipe, scores
 
 __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
            "ream_groups", "mean_expert_outputs", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
@@ -104,16 +104,27 @@ def dern_model(model, obs, num_experts: int, alpha: float = 0.6, use_gate: bool 
             moved = assign[d][assign[d] >= 0]
             for j, k in enumerate(kept):
                 flow[i, j] = int((moved == k).sum())
-        new = merge.dern_recombine(w, kept, dropped, imp, alpha=alpha, use_gate=use_gate, init=init, iters=iters,
-                                   seed=seed, weighted=weighted)
-        router = layer.router_weight()[torch.tensor(kept)]
-        models.set_experts(out, layer.layer_idx, new, router, _slice_indexed(layer, kept))
+        _dern_layer_into(out, layer, kept, dropped, imp, alpha=alpha, use_gate=use_gate, init=init, iters=iters,
+                         seed=seed, weighted=weighted)
         n_seg = len(dropped) * w["gate"].shape[1]
         info[layer.layer_idx] = {"kept": kept, "dropped": dropped, "flow": flow, "moved": int(flow.sum()),
                                  "segments": n_seg, "moved_share": float(flow.sum()) / max(1, n_seg)}
     models.set_num_experts_config(out, num_experts)
     models.check_consistency(out)
     return out, info
+
+
+def _dern_layer_into(model, layer: models.MoELayer, kept: list[int], dropped: list[int], importance: Tensor,
+                     **options) -> None:
+    """One layer of DERN in place (``merge.dern_recombine``: kept experts, their router rows and indexed
+    tensors), recorded as a ``dern_layer`` step of the model's recipe: everything it decided from the
+    calibration pass (kept, dropped, importance) and its options."""
+    with recipe.step(model, "dern_layer", layer=layer.layer_idx, kept=[int(e) for e in kept],
+                     dropped=[int(e) for e in dropped], importance=importance,
+                     importance_dtype=str(importance.dtype).replace("torch.", ""), options=dict(options)):
+        new = merge.dern_recombine(layer.expert_weights(), kept, dropped, importance, **options)
+        router = layer.router_weight()[torch.tensor(kept)]
+        models.set_experts(model, layer.layer_idx, new, router, _slice_indexed(layer, kept))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +166,19 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
 
 
 @torch.no_grad()
-def _merge_layer_into(model, layer: models.MoELayer, groups: list[list[int]], coeffs: Tensor, **merge_kwargs) -> None:
-    """Merge one layer's groups in place (``merge.merge_layer``; representatives' router rows and indexed tensors)."""
-    w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups, coeffs, **merge_kwargs)
-    models.set_experts(model, layer.layer_idx, w, router, _slice_indexed(layer, reps.tolist()))
+def _merge_layer_into(model, layer: models.MoELayer, groups: list[list[int]], coeffs: Tensor, *,
+                      keep_router: str = "centroid", perms: Mapping[int, Tensor] | None = None, **merge_kwargs) -> None:
+    """Merge one layer's groups in place (``merge.merge_layer``; representatives' router rows and indexed
+    tensors), recorded as a ``merge_layer`` step of the model's recipe (``moelab.recipe``): the groups,
+    the float64 merge weights and the alignment permutations found (or the given ``perms``)."""
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float64).flatten()
+    found = {} if perms is None else dict(perms)
+    with recipe.step(model, "merge_layer", layer=layer.layer_idx, groups=[[int(e) for e in g] for g in groups],
+                     coeffs=coeffs, keep_router=keep_router) as entry:
+        w, router, reps = merge.merge_layer(layer.expert_weights(), layer.router_weight(), groups, coeffs,
+                                            keep_router=keep_router, perms=perms, found=found, **merge_kwargs)
+        models.set_experts(model, layer.layer_idx, w, router, _slice_indexed(layer, reps.tolist()))
+        entry["perms"] = {int(m): p for m, p in found.items()}
 
 
 @torch.no_grad()
@@ -942,6 +962,12 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
                              f"width and hidden size); give rank <= {full}")
     out = models.variant(model)
     info = {}
+    with recipe.step(out, "low_rank_sparse", sparsity=sparsity, rank=rank, rank_fraction=rank_fraction):
+        _factor_layers(out, sparsity, rank, rank_fraction, info)
+    return out, info
+
+
+def _factor_layers(out, sparsity, rank, rank_fraction, info) -> None:
     for layer in models.moe_layers(out):
         spec = layer.spec
         if spec.activation != "glu" or spec.weight_on_input:
@@ -959,7 +985,6 @@ def low_rank_sparse_model(model, sparsity: float, *, rank: int | None = None, ra
         info[layer.layer_idx] = {"rank": r, "dense_params": sum(p.numel() for p in ex.parameters()),
                                  "params": lrs.num_parameters(), "rel_error": err}
         setattr(layer.block, spec.experts_attr, lrs)
-    return out, info
 
 
 @torch.no_grad()
@@ -971,10 +996,11 @@ def densify(model):
     for block, name, ex in factored:
         setattr(block, name, ex._dense)
     by_block = {id(block): ex for block, _, ex in factored}
-    for layer in models.moe_layers(out):
-        ex = by_block.get(id(layer.block))
-        if ex is not None:
-            models.set_experts(out, layer.layer_idx, ex.dense_weights(), layer.router_weight())
+    with recipe.step(out, "densify"):
+        for layer in models.moe_layers(out):
+            ex = by_block.get(id(layer.block))
+            if ex is not None:
+                models.set_experts(out, layer.layer_idx, ex.dense_weights(), layer.router_weight())
     models.check_consistency(out)
     return out
 

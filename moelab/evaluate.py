@@ -60,7 +60,7 @@ from . import data
 __all__ = [
     "Score", "Task", "PerplexityTask", "ChoiceTask", "GenerationTask", "MathGenTask", "CodeLineTask",
     "HumanEvalTask", "perplexity_task", "continuation_mc_task", "jsonl_mc_task", "math_gen_task",
-    "code_line_task", "humaneval_task", "standard_tasks", "evaluate", "summary_score", "loglikelihood",
+    "code_line_task", "humaneval_task", "standard_tasks", "notebook_tasks", "evaluate", "summary_score", "loglikelihood",
     "greedy_generate", "extract_answer", "answers_match", "run_python", "humaneval_program", "PRESETS", "KINDS",
     "select_tasks", "pareto_front", "correlation", "paired_difference", "clearly_better", "clearly_lower",
     "swap_variants", "row_documents", "DISTRACTORS", "GEN_FORMS",
@@ -1388,6 +1388,34 @@ def standard_tasks(preset: str = "full", *, seed: int = 0, humaneval: bool = Fal
     return tasks
 
 
+def notebook_tasks(kinds=("ppl", "mc", "gen"), *, ppl_tokens: int | None, seq_len: int, mc_n: int, gen_n: int = 0,
+                   seed: int = 0, lm_eval=(), lm_eval_limit: int | None = None) -> list[Task]:
+    """A notebook's evaluation tasks from its ``EVAL_*`` and ``LM_EVAL_*`` parameters.
+
+    moelab's embedded tasks of the given ``kinds`` (``"ppl"``: held-out perplexity of every domain;
+    ``"mc"``: continuation MC of every domain; ``"gen"``: math and code-line generation), then the
+    lm-evaluation-harness tasks ``lm_eval`` names (``lmeval.named_tasks``: task names such as
+    ``"arc_easy"``, or paths of task YAML files), which need lm-eval and, for named tasks, their datasets.
+    An lm-eval MC task counts in ``summary_score``'s ``mc_acc`` (its ``acc_norm``, else ``acc``) and a GEN task in
+    ``gen_em`` (its ``exact_match``), item by item in the paired tests.
+    """
+    unknown = sorted(set(kinds) - {"ppl", "mc", "gen"})
+    if unknown:
+        raise ValueError(f"EVAL_KINDS has unknown kinds {unknown}; use 'ppl', 'mc' and 'gen'")
+    tasks: list[Task] = []
+    if "ppl" in kinds:
+        tasks += [perplexity_task(d, ppl_tokens, seq_len, seed=seed) for d in data.DOMAINS]
+    if "mc" in kinds:
+        tasks += [continuation_mc_task(d, mc_n, seed) for d in data.DOMAINS]
+    if "gen" in kinds:
+        tasks += [math_gen_task(gen_n, seed=seed), code_line_task(gen_n, seed=seed)]
+    if lm_eval:
+        from . import lmeval
+
+        tasks += lmeval.named_tasks(lm_eval, limit=lm_eval_limit, seed=seed)
+    return tasks
+
+
 # ----------------------------------------------------------------------------- running
 COLUMNS = ["task", "kind", "domain", "metric", "value", "stderr", "n"]
 
@@ -1484,12 +1512,14 @@ def summary_score(df) -> dict:
     """Two headline numbers (the axes of an MC-vs-GEN plot) and mean bits per byte.
 
     Returns:
-        dict with mc_acc (mean MC accuracy over MC tasks), gen_em (mean exact match / pass@1 over
-        GEN tasks), bits_per_byte (mean over perplexity tasks), each with a ``*_stderr`` (of the mean,
+        dict with mc_acc (mean MC accuracy over MC tasks: acc_norm, or acc for a task without it),
+        gen_em (mean exact match / pass@1 over GEN tasks), bits_per_byte (mean over perplexity tasks), each with a ``*_stderr`` (of the mean,
         tasks taken as independent) and ``mc_tasks`` / ``gen_tasks`` / ``ppl_tasks`` counts; a
         missing kind gives NaN.
     """
-    picks = {"mc_acc": (df["kind"] == "mc") & (df["metric"] == "acc_norm"),
+    mc = df["kind"] == "mc"
+    normed = set(df.loc[mc & (df["metric"] == "acc_norm"), "task"])  # an MC task without acc_norm counts its acc
+    picks = {"mc_acc": mc & ((df["metric"] == "acc_norm") | ((df["metric"] == "acc") & ~df["task"].isin(normed))),
              "gen_em": (df["kind"] == "gen") & df["metric"].isin(["exact_match", "pass@1"]),
              "bits_per_byte": (df["kind"] == "ppl") & (df["metric"] == "bits_per_byte")}
     counts = {"mc_acc": "mc_tasks", "gen_em": "gen_tasks", "bits_per_byte": "ppl_tasks"}

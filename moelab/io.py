@@ -106,6 +106,9 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool | str = F
     local directory), when any weight is NaN/Inf, and when a MoE model's cached counts disagree with
     its config (see ``moelab.models.check_consistency``).
 
+    A model moelab edited carries its recipe (``moelab.recipe``): the steps that made it from its source,
+    written as ``moelab_recipe.json`` beside the weights, which ``recipe.apply`` replays on the source.
+
     A MoE model whose layers keep different expert counts (``models.set_expert_counts_config``) is
     written with its own modeling file (``moelab.models`` docstring): stock transformers and every tool
     built on it (lm-eval, pipelines) load it with ``trust_remote_code=True``, plain ``from_pretrained``
@@ -168,6 +171,10 @@ def save_checkpoint(model, out_dir, tokenizer=None, *, overwrite: bool | str = F
             _set_config_dtype(tmp, target)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        from . import recipe
+
+        if recipe.steps(model):  # how the model was made from its source (moelab.recipe)
+            recipe.save(model, tmp / recipe.RECIPE_FILE)
         _put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import evaluate
 
-__all__ = ["LMEvalTask", "lm_eval_task", "available", "INSTALL_HINT"]
+__all__ = ["LMEvalTask", "lm_eval_task", "named_tasks", "available", "INSTALL_HINT"]
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed: pip install "lm-eval[hf]" (plain lm-eval lacks accelerate)'
 
@@ -136,6 +136,7 @@ class LMEvalTask(evaluate.Task):
                 raise FileNotFoundError(f"include_path {p} does not exist (a folder of lm-eval task YAML files)")
         self.limit, self.num_fewshot, self.bos, self.filter, self.seed = limit, num_fewshot, bos, filter, seed
         self._kind: str | None = None
+        self.members: list[str] = [task]  # the lm-eval tasks whose items this task scores (a group's members)
         self._task_manager = None
         self.results: dict = {}
 
@@ -156,15 +157,19 @@ class LMEvalTask(evaluate.Task):
                 raise ValueError(f"lm-eval knows no task {self.task!r}; give its YAML folder as include_path, "
                                  f"or pick one of `lm_eval --tasks list`")
             loaded = manager.load([self.task])
-            if self.task not in loaded["tasks"]:
-                members = sorted(loaded["tasks"])
-                raise ValueError(f"lm-eval's {self.task!r} is a group of {len(members)} tasks; give each as its own "
-                                 f"lm_eval_task (e.g. {members[:3]})")
-            found = loaded["tasks"][self.task]
-            out = getattr(found, "OUTPUT_TYPE", None) or found.config.output_type
-            if out not in _KIND:
-                raise ValueError(f"lm-eval task {self.task!r} has output type {out!r}; moelab reads {sorted(_KIND)}")
-            self._kind = _KIND[out]
+            # a group (MMLU's 57 subjects): one moelab task whose items are every member's
+            self.members = sorted(loaded["tasks"]) if self.task not in loaded["tasks"] else [self.task]
+            kinds = set()
+            for name in self.members:
+                found = loaded["tasks"][name]
+                out = getattr(found, "OUTPUT_TYPE", None) or found.config.output_type
+                if out not in _KIND:
+                    raise ValueError(f"lm-eval task {name!r} has output type {out!r}; moelab reads {sorted(_KIND)}")
+                kinds.add(_KIND[out])
+            if len(kinds) > 1:
+                raise ValueError(f"lm-eval's group {self.task!r} mixes task kinds {sorted(kinds)}; give its members "
+                                 "as separate tasks")
+            self._kind = kinds.pop()
         return self._kind
 
     def score(self, model, tokenizer, *, batch_size: int = 8, progress: bool = False) -> list[evaluate.Score]:
@@ -183,8 +188,11 @@ class LMEvalTask(evaluate.Task):
                                           fewshot_random_seed=self.seed, verbosity="ERROR")
         finally:
             logging.getLogger("lm-eval").setLevel(level)
-        self.results = out["results"][self.task]
-        samples = sorted(out["samples"][self.task], key=lambda s: s["doc_id"])
+        group = self.members != [self.task]
+        samples = [dict(s, member=m) for m in self.members for s in sorted(out["samples"][m], key=lambda s: s["doc_id"])]
+        # a group's figure: lm-eval's own aggregate where the group defines one, else the mean over all
+        # its items (the size-weighted mean of its members)
+        self.results = dict(out["results"].get(self.task) or {}) if group else out["results"][self.task]
         filters = list(dict.fromkeys(s.get("filter", "none") for s in samples))
         chosen = self.filter or filters[0]
         if chosen not in filters:
@@ -192,6 +200,10 @@ class LMEvalTask(evaluate.Task):
         samples = [s for s in samples if s.get("filter", "none") == chosen]
         n = len(samples)
         self.details = [self._detail(s, kind) for s in samples]
+        if group and not any("," in k and "_stderr," not in k for k in self.results):
+            for metric in sorted({k for s in samples for k, v in s.items()
+                                  if k not in ("doc_id", "target", "filter") and isinstance(v, (int, float))}):
+                self.results[f"{metric},{chosen}"] = float(np.mean([float(s[metric]) for s in samples]))
         scores = []
         for key, value in self.results.items():
             if "," not in key or "_stderr," in key or key.startswith("alias"):
@@ -228,3 +240,32 @@ class LMEvalTask(evaluate.Task):
 def lm_eval_task(task: str, **kwargs) -> LMEvalTask:
     """An lm-evaluation-harness task as a moelab Task (``LMEvalTask``; keyword arguments as there)."""
     return LMEvalTask(task, **kwargs)
+
+
+def named_tasks(names, *, limit: int | None = None, seed: int = 0, bos: str = "lm-eval") -> list[LMEvalTask]:
+    """lm-eval tasks from a notebook's ``LM_EVAL_TASKS``: each entry an lm-eval task name (``"arc_easy"``)
+    or the path of a task YAML file of your own (its folder becomes the include path, its ``task:`` the
+    name). ``bos="lm-eval"`` by default: lm-eval's own input convention, so the figures compare with the
+    papers' tables. ``limit``: items per task (lm-eval's first ``limit``; None: all)."""
+    if isinstance(names, str):
+        raise TypeError(f"LM_EVAL_TASKS must be a list of task names or YAML paths, got the string {names!r}; "
+                        f"write [{names!r}]")
+    names = list(names or [])
+    if not names:
+        return []
+    _require()
+    out = []
+    for entry in names:
+        path = Path(str(entry)).expanduser()
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise FileNotFoundError(f"LM_EVAL_TASKS names the task file {path}, which does not exist")
+            import yaml
+
+            task = (yaml.safe_load(path.read_text()) or {}).get("task")
+            if not isinstance(task, str):
+                raise ValueError(f"{path} has no 'task:' name; an lm-eval task YAML starts with 'task: <name>'")
+            out.append(LMEvalTask(task, include_path=path.parent, limit=limit, seed=seed, bos=bos))
+        else:
+            out.append(LMEvalTask(str(entry), limit=limit, seed=seed, bos=bos))
+    return out

@@ -320,7 +320,8 @@ def align_ream(ref: Mapping[str, Tensor], other: Mapping[str, Tensor], ref_acts:
 
 def merge_experts(weights: Mapping[str, Tensor], members: list[int], coeffs: Tensor, align: str | None = None,
                   ref: int | None = None, X: Tensor | None = None, act: Callable = F.silu,
-                  weight_cost: str = "dot", pca_dims: int = 64, feature_weight: float = 1.0) -> dict[str, Tensor]:
+                  weight_cost: str = "dot", pca_dims: int = 64, feature_weight: float = 1.0,
+                  perms: Mapping[int, Tensor] | None = None, found: dict | None = None) -> dict[str, Tensor]:
     """Merge a group of experts into one: align each member to ``ref``, then W = sum c_i W_i / sum c_i.
 
     SlimQwen (importance weights), REAM (saliency weights, its alignment) and MC-SMoE (frequency
@@ -338,6 +339,9 @@ def merge_experts(weights: Mapping[str, Tensor], members: list[int], coeffs: Ten
         act: the experts' activation.
         weight_cost: cost of ``align_weights``.
         pca_dims, feature_weight: of ``align_ream``.
+        perms: ``{member: permutation}`` to use instead of computing an alignment (a recipe's); a
+            member without one is not permuted.
+        found: a dict that receives ``{member: permutation}`` for every aligned member.
 
     Returns:
         One expert's uniform dict, in the dtype of ``weights``.
@@ -360,21 +364,27 @@ def merge_experts(weights: Mapping[str, Tensor], members: list[int], coeffs: Ten
     out_dtype = weights["gate"].dtype
     if len(members) == 1:
         return {k: v.clone() for k, v in get_expert(weights, members[0]).items()}
-    if align in ("activations", "ream") and X is None:
-        raise ValueError(f"align={align!r} needs sample inputs X (e.g. LayerStats.input_sample)")
 
+    if perms is not None:
+        align = None  # the permutations are given
+    elif align in ("activations", "ream") and X is None:
+        raise ValueError(f"align={align!r} needs sample inputs X (e.g. LayerStats.input_sample)")
     w_ref = get_expert(weights, ref)
     ref_acts = neuron_activations(w_ref, X, act) if align in ("activations", "ream") else None
     aligned = []
     for m in members:
         w = get_expert(weights, m)
-        if m != ref and align is not None:
+        if perms is not None and m in perms:
+            w = permute_neurons(w, perms[m])
+        elif m != ref and align is not None:
             if align == "weights":
                 perm = align_weights(w_ref, w, cost=weight_cost)
             elif align == "activations":
                 perm = align_activations(ref_acts, neuron_activations(w, X, act))
             else:
                 perm = align_ream(w_ref, w, ref_acts, neuron_activations(w, X, act), pca_dims, feature_weight)
+            if found is not None:
+                found[m] = perm
             w = permute_neurons(w, perm)
         aligned.append(w)
 

@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import recipe
+
 __all__ = [
     "FAMILIES",
     "NONUNIFORM_KEY",
@@ -969,6 +971,7 @@ def check_layer_counts(model: nn.Module, counts: Mapping[int, int]) -> None:
             raise ValueError(f"layer {i}: {n} experts breaks {l.routing} routing: {why}")
 
 
+@recipe.records("set_num_experts_config", lambda n: {"n": int(n)})
 def set_num_experts_config(model: nn.Module, n: int) -> None:
     """Write the routed-expert count into the config (and the model-level cached copies).
 
@@ -1026,6 +1029,7 @@ def experts_per_layer(config) -> dict[int, int] | None:
     return out
 
 
+@recipe.records("set_expert_counts_config", lambda: {})
 def set_expert_counts_config(model: nn.Module) -> dict[int, int]:
     """Write the MoE layers' own expert counts into the config (after editing layers one at a time).
 
@@ -1158,6 +1162,7 @@ def _check_keys(name: str, given: Mapping[int, Any], layers: Mapping[int, MoELay
         )
 
 
+@recipe.records("prune_experts", lambda keep: {"keep": {int(i): [int(e) for e in v] for i, v in keep.items()}})
 @torch.no_grad()
 def prune_experts(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> None:
     """Keep ``keep[layer_idx]`` experts (same count in every MoE layer), in the given order."""
@@ -1184,6 +1189,7 @@ def prune_experts(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> None:
     check_consistency(model)
 
 
+@recipe.records("set_experts", lambda layer_idx, *a, **k: {"layer": int(layer_idx)})
 @torch.no_grad()
 def set_experts(
     model: nn.Module,
@@ -1314,6 +1320,8 @@ def _slice_mlp_width(mlp: nn.Module, idx: Tensor) -> None:
         mlp.intermediate_size = int(idx.numel())
 
 
+@recipe.records("slice_expert_width", lambda keep, shared_keep=None, *, allow_unaligned=False: {
+    "keep": keep, "shared_keep": shared_keep, "allow_unaligned": allow_unaligned})
 @torch.no_grad()
 def slice_expert_width(
     model: nn.Module,
@@ -1573,6 +1581,7 @@ def _norm_form(norm: nn.Module) -> str:
                                 "moelab cannot rescale its output through the weight")
 
 
+@recipe.records("scale_norm_outputs", lambda factors: {"factors": {k: float(v) for k, v in factors.items()}})
 @torch.no_grad()
 def scale_norm_outputs(model: nn.Module, factors: Mapping[str, float]) -> None:
     """Multiply the output of residual norms by a factor each, through their weights (new tensors, so a
@@ -1597,6 +1606,8 @@ def scale_norm_outputs(model: nn.Module, factors: Mapping[str, float]) -> None:
             _replace(norm, "bias", norm.bias.float() * f)
 
 
+@recipe.records("slice_hidden", lambda channels, *, allow_unaligned=False: {"channels": channels,
+                                                                         "allow_unaligned": allow_unaligned})
 @torch.no_grad()
 def slice_hidden(model: nn.Module, channels: Tensor, *, allow_unaligned: bool = False) -> None:
     """Keep hidden channels ``channels`` everywhere the residual stream is read or written.
@@ -1648,6 +1659,7 @@ _SPARSE_PATTERN_FIELDS = ("decoder_sparse_step", "first_k_dense_replace", "moe_l
                           "moe_layer_end_index", "moe_layer_interval", "interleave_moe_layer_step")
 
 
+@recipe.records("remove_layers", lambda layers: {"layers": [int(i) for i in layers]})
 def remove_layers(model: nn.Module, layers: Sequence[int]) -> None:
     """Remove whole decoder layers in place (SlimQwen depth pruning; SlimQwen, arXiv 2605.08738).
 

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import data, models, zoo
+from . import data, models, recipe, zoo
 
 __all__ = ["recover", "recover_new", "TRAINABLE", "kd_loss", "reinitialised", "heldout_rows", "heldout_nll"]
 
@@ -55,6 +55,9 @@ def reinitialised(model, seed: int = 0):
     if kernel and hasattr(fresh, "set_experts_implementation"):
         fresh.set_experts_implementation(kernel)
     ref = next(model.parameters())
+    fresh.__dict__[recipe.ATTRIBUTE] = recipe.steps(model)
+    fresh.__dict__["moelab_recipe_source"] = getattr(model, "moelab_recipe_source", None)
+    recipe.note(fresh, "reinitialised", seed=seed)
     return fresh.to(device=ref.device, dtype=ref.dtype)  # the same device and dtype as the model it twins
 
 
@@ -355,6 +358,8 @@ def recover(student, tokenizer, *, teacher=None, steps: int = 100, batch_size: i
         if gradient_checkpointing and not checkpointing_was:
             (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
         student.eval()
+    recipe.note(student, "trained", steps=steps, seed=seed, lm_weight=lm_weight, kd_weight=kd_weight, mix=str(mix),
+                trainable=trainable)
     return curve
 
 

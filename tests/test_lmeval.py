@@ -73,6 +73,20 @@ metric_list:
     ignore_case: true
     ignore_punctuation: true
 """)
+    # a second task on the first three items and a group of both (how lm-eval ships MMLU's subjects)
+    mc2 = root / "items2.jsonl"
+    mc2.write_text("".join(json.dumps(r) + "\n" for r in ITEMS[:3]))
+    (root / "mc2.yaml").write_text((root / "mc.yaml").read_text().replace("task: moelab_local_mc", "task: moelab_local_mc2")
+                                   .replace(str(mc), str(mc2)))
+    (root / "group.yaml").write_text("""group: moelab_local_group
+task:
+  - moelab_local_mc
+  - moelab_local_mc2
+aggregate_metric_list:
+  - metric: acc
+    aggregation: mean
+    weight_by_size: true
+""")
     return root, mc
 
 
@@ -186,3 +200,28 @@ def test_lm_eval_runs_a_nonuniform_checkpoint_without_moelab(tasks_dir, tmp_path
     assert a.shape == b.shape == (len(ITEMS), 3)
     print(f"max per-item |loglik diff| outside moelab vs in memory: {np.abs(a - b).max():.3g} nats")
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+
+
+def test_a_group_is_one_task_over_all_its_members_items(smoke, tasks_dir):
+    model, tok = smoke
+    root, _ = tasks_dir
+    group = lmeval.lm_eval_task("moelab_local_group", include_path=root)
+    assert group.kind == "mc" and group.members == ["moelab_local_mc", "moelab_local_mc2"]
+    df = evaluate.evaluate(model, tok, [group], progress=False)
+    acc = df[df.metric == "acc"].iloc[0]
+    assert acc["n"] == len(ITEMS) + 3 and len(df.attrs["units"][group.name]["values"]) == len(ITEMS) + 3
+    assert acc["value"] == pytest.approx(np.mean([d["acc"] for d in group.details]))  # size-weighted
+
+
+def test_notebook_tasks_take_lm_eval_names_and_task_files(tasks_dir):
+    root, _ = tasks_dir
+    tasks = evaluate.notebook_tasks(("ppl",), ppl_tokens=512, seq_len=64, mc_n=4, seed=0,
+                                    lm_eval=[str(root / "mc.yaml"), str(root / "gen.yaml")], lm_eval_limit=2)
+    assert [t.kind for t in tasks] == ["ppl"] * 3 + ["mc", "gen"]
+    assert tasks[3].task == "moelab_local_mc" and tasks[3].limit == 2 and tasks[3].bos == "lm-eval"
+    with pytest.raises(TypeError, match="list of task names"):
+        evaluate.notebook_tasks(("ppl",), ppl_tokens=512, seq_len=64, mc_n=4, lm_eval="arc_easy")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.notebook_tasks((), ppl_tokens=512, seq_len=64, mc_n=4, lm_eval=[str(root / "missing.yaml")])
+    with pytest.raises(ValueError, match="unknown kinds"):
+        evaluate.notebook_tasks(("ppx",), ppl_tokens=512, seq_len=64, mc_n=4)

@@ -68,7 +68,8 @@ def test_notebook_shape_and_output_policy(nb):
              if line.strip() and not line.lstrip().startswith("#")]
     assert names[:2] == ["MODEL", "SEED"], f"the parameters start with MODEL and SEED: {names[:2]}"
     assert names[-4:] == ["DEVICE_MAP", "DTYPE", "OUTPUT_DIR", "FIGURES_DIR"], names[-4:]
-    assert {"CALIB_TOKENS", "CALIB_SEQ_LEN", "EVAL_PPL_TOKENS", "EVAL_SEQ_LEN", "EVAL_MC_N"} <= set(names)
+    assert {"CALIB_TOKENS", "CALIB_SEQ_LEN", "EVAL_PPL_TOKENS", "EVAL_SEQ_LEN", "EVAL_MC_N", "LM_EVAL_TASKS",
+            "LM_EVAL_LIMIT"} <= set(names)
     seeds = [n for n in names if "SEED" in n]
     assert set(seeds) <= {"SEED", "SEEDS"}, f"seeds are SEED (the run's) and SEEDS (a list of absolute seeds): {seeds}"
     headings = [line for c in cells if c.cell_type == "markdown" for line in c.source.splitlines()
@@ -191,6 +192,42 @@ def _digests(folder):
     import hashlib
 
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.notebook
+def test_a_notebook_scores_the_lm_eval_tasks_its_parameters_name(tmp_path, monkeypatch):
+    """LM_EVAL_TASKS adds lm-evaluation-harness tasks to a notebook's evaluation; offline, a task file of
+    one's own (the paper presets name the papers' benchmarks, which need the hub)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"context": c, "choices": [a, b], "label": 0}) + "\n" for c, a, b in
+                             [("The cat sat on the", " mat.", " the on."), ("Two plus two equals", " four.", " two equals."),
+                              ("def add(a, b):\n    return", " a + b", " + a b")]))
+    task = tmp_path / "order.yaml"
+    task.write_text(f"""task: local_word_order
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {items}
+test_split: test
+output_type: multiple_choice
+target_delimiter: ""
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    nb = NOTEBOOKS[0]
+    out = runner.run("smoke", only=nb.stem, out_root=tmp_path / "run", progress=False,
+                     overrides={"LM_EVAL_TASKS": [str(task)]})
+    rec = _recorded(out / nb.stem / "metrics.json")
+    rows = [r for r in rec["metrics"]["scores"] if r["task"] == "lm_eval:local_word_order"]
+    assert rows and {r["metric"] for r in rows} == {"acc"} and all(r["n"] == 3 for r in rows), rows
 
 
 @pytest.mark.notebook
