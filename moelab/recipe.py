@@ -45,7 +45,8 @@ _depth = 0  # > 0 while a recorded edit runs: the edits it makes are part of its
 
 
 def steps(model) -> list[dict]:
-    """The steps recorded on ``model`` so far (empty for a model nothing was done to)."""
+    """The steps recorded on ``model`` so far (empty for a model nothing was done to); tensors stay
+    tensors here, ``recipe`` gives them as JSON."""
     return list(getattr(model, ATTRIBUTE, None) or [])
 
 
@@ -69,7 +70,7 @@ def step(model, op: str, **fields):
     finally:
         _depth -= 1
     if outer:
-        _append(model, _jsonable(entry))
+        _append(model, _stored(entry))
 
 
 def records(op: str, fields):
@@ -84,6 +85,21 @@ def records(op: str, fields):
                 return f(model, *args, **kwargs)
         return inner
     return wrap
+
+
+def _stored(obj):
+    """A step as kept on the model until it is written: tensors as compact CPU copies (the permutations
+    of a 30B model's merges are millions of indices), everything else as JSON-ready values."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu")
+        if not t.is_floating_point() and t.numel() and -2**31 <= int(t.min()) and int(t.max()) < 2**31:
+            t = t.to(torch.int32)
+        return t.clone()
+    if isinstance(obj, dict):
+        return {k: _stored(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_stored(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj):
@@ -108,7 +124,7 @@ def recipe(model, source=None) -> dict:
     ident = getattr(model, "moelab_recipe_source", None)
     if source is not None:
         ident = _identity(source)
-    return {"moelab_recipe": VERSION, "source": ident, "steps": steps(model),
+    return {"moelab_recipe": VERSION, "source": ident, "steps": _jsonable(steps(model)),
             "moelab_version": io.package_versions().get("moelab")}
 
 
