@@ -44,3 +44,31 @@ def smoke():
     from moelab import zoo
 
     return zoo.load("smoke")
+
+
+def write_mc_task(folder, task: str, items: list[dict], metrics=("acc", "acc_norm")):
+    """An lm-evaluation-harness multiple-choice task on local JSONL (``dataset_path: json``, offline):
+    ``folder/<task>.jsonl`` and ``folder/<task>.yaml``; returns the YAML's path. Items are moelab's JSONL
+    layout (context, choices that carry their own leading space, label), hence ``target_delimiter: ""``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    data_file = folder / f"{task}.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in items))
+    metric_list = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics)
+    yaml = folder / f"{task}.yaml"
+    yaml.write_text(f"""task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+target_delimiter: ""
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+{metric_list}""")
+    return yaml

@@ -29,30 +29,13 @@ QA = [{"question": "Say the word yes:", "answer": "yes"}, {"question": "2 + 2 ="
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     """Two local lm-eval tasks: word-order MC (moelab's JSONL layout) and a short generation task."""
+    from conftest import write_mc_task
+
     root = tmp_path_factory.mktemp("lm_eval_tasks")
-    mc, gen = root / "items.jsonl", root / "qa.jsonl"
-    mc.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
+    mc = write_mc_task(root, "moelab_local_mc", ITEMS).with_suffix(".jsonl")
+    write_mc_task(root, "moelab_local_mc2", ITEMS[:3])  # a second task on the first three items
+    gen = root / "qa.jsonl"
     gen.write_text("".join(json.dumps(r) + "\n" for r in QA))
-    # moelab's choices carry their own leading space, so the task adds no delimiter of its own
-    (root / "mc.yaml").write_text(f"""task: moelab_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {mc}
-test_split: test
-output_type: multiple_choice
-target_delimiter: ""
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
     (root / "gen.yaml").write_text(f"""task: moelab_local_gen
 dataset_path: json
 dataset_kwargs:
@@ -73,11 +56,7 @@ metric_list:
     ignore_case: true
     ignore_punctuation: true
 """)
-    # a second task on the first three items and a group of both (how lm-eval ships MMLU's subjects)
-    mc2 = root / "items2.jsonl"
-    mc2.write_text("".join(json.dumps(r) + "\n" for r in ITEMS[:3]))
-    (root / "mc2.yaml").write_text((root / "mc.yaml").read_text().replace("task: moelab_local_mc", "task: moelab_local_mc2")
-                                   .replace(str(mc), str(mc2)))
+    # a group of both (how lm-eval ships MMLU's subjects)
     (root / "group.yaml").write_text("""group: moelab_local_group
 task:
   - moelab_local_mc
@@ -216,7 +195,7 @@ def test_a_group_is_one_task_over_all_its_members_items(smoke, tasks_dir):
 def test_notebook_tasks_take_lm_eval_names_and_task_files(tasks_dir):
     root, _ = tasks_dir
     tasks = evaluate.notebook_tasks(("ppl",), ppl_tokens=512, seq_len=64, mc_n=4, seed=0,
-                                    lm_eval=[str(root / "mc.yaml"), str(root / "gen.yaml")], lm_eval_limit=2)
+                                    lm_eval=[str(root / "moelab_local_mc.yaml"), str(root / "gen.yaml")], lm_eval_limit=2)
     assert [t.kind for t in tasks] == ["ppl"] * 3 + ["mc", "gen"]
     assert tasks[3].task == "moelab_local_mc" and tasks[3].limit == 2 and tasks[3].bos == "lm-eval"
     with pytest.raises(TypeError, match="list of task names"):

@@ -201,27 +201,12 @@ def test_a_notebook_scores_the_lm_eval_tasks_its_parameters_name(tmp_path, monke
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    items = tmp_path / "items.jsonl"
-    items.write_text("".join(json.dumps({"context": c, "choices": [a, b], "label": 0}) + "\n" for c, a, b in
-                             [("The cat sat on the", " mat.", " the on."), ("Two plus two equals", " four.", " two equals."),
-                              ("def add(a, b):\n    return", " a + b", " + a b")]))
-    task = tmp_path / "order.yaml"
-    task.write_text(f"""task: local_word_order
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: multiple_choice
-target_delimiter: ""
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
+    from conftest import write_mc_task
+
+    task = write_mc_task(tmp_path, "local_word_order", [
+        {"context": "The cat sat on the", "choices": [" mat.", " the on."], "label": 0},
+        {"context": "Two plus two equals", "choices": [" four.", " two equals."], "label": 0},
+        {"context": "def add(a, b):\n    return", "choices": [" a + b", " + a b"], "label": 0}], metrics=("acc",))
     nb = NOTEBOOKS[0]
     out = runner.run("smoke", only=nb.stem, out_root=tmp_path / "run", progress=False,
                      overrides={"LM_EVAL_TASKS": [str(task)]})
