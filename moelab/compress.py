@@ -45,7 +45,8 @@ from . import merge, models, observe, prune, recipe, scores
 __all__ = ["dern_model", "merge_into_nearest_model", "merge_model", "partial_preservation_model", "slim_model", "expert_outputs", "subset_error", "naee_select", "naee_model",
            "ream_groups", "mean_expert_outputs", "ream_model", "hc_smoe_model", "group_roles", "routing_mass_by_role",
            "msmoe_groups", "msmoe_total", "msmoe_model", "merged_stable_ranks", "LowRankSparseExperts",
-           "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time"]
+           "low_rank_sparse_model", "densify", "use_csr", "parameter_count", "relative_inference_time",
+           "apply_recipe"]
 
 
 def _edit_copy(model, obs, num_experts: int):
@@ -166,6 +167,12 @@ def merge_into_nearest_model(model, obs, num_experts: int, criterion: str = "fre
 
 
 @torch.no_grad()
+def apply_recipe(model, recipe_or_path, *, upto: int | None = None):
+    """Rebuild a recorded compression of ``model`` without calibration: ``moelab.recipe.apply`` (a recipe
+    dict, a ``moelab_recipe.json``, a checkpoint folder holding one, or a variant)."""
+    return recipe.apply(model, recipe_or_path, upto=upto)
+
+
 def _merge_layer_into(model, layer: models.MoELayer, groups: list[list[int]], coeffs: Tensor, *,
                       keep_router: str = "centroid", perms: Mapping[int, Tensor] | None = None, **merge_kwargs) -> None:
     """Merge one layer's groups in place (``merge.merge_layer``; representatives' router rows and indexed

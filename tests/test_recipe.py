@@ -57,7 +57,7 @@ def test_the_recipe_travels_with_the_checkpoint(observed, tmp_path):
     out = io.save_checkpoint(variant, tmp_path / "ck", tok)
     assert (out / recipe.RECIPE_FILE).exists()
     reloaded = models.load_model(out)
-    rebuilt = recipe.apply(model, out)  # the checkpoint folder names its recipe
+    rebuilt = compress.apply_recipe(model, out)  # the checkpoint folder holds its recipe
     mine, theirs = reloaded.state_dict(), rebuilt.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     untouched = io.save_checkpoint(models.variant(model), tmp_path / "plain", tok)
