@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["RECIPE_FILE", "ATTRIBUTE", "steps", "recipe", "save", "load", "apply", "check_source", "records",
-           "step", "note"]
+           "step", "note", "inherit"]
 
 RECIPE_FILE = "moelab_recipe.json"
 ATTRIBUTE = "moelab_recipe"
@@ -140,6 +140,13 @@ def note(model, op: str, **fields) -> None:
     """Record a step that is not an edit of moelab's (``trained``, ``reinitialised``)."""
     with step(model, op, **fields):
         pass
+
+
+def inherit(new, old) -> None:
+    """Give ``new`` (a model built apart from ``old``, e.g. re-initialised from its config) ``old``'s
+    steps and source, as ``models.variant`` does by copying."""
+    new.__dict__[ATTRIBUTE] = steps(old)
+    new.__dict__["moelab_recipe_source"] = getattr(old, "moelab_recipe_source", None)
 
 
 def remember_source(model) -> None:

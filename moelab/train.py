@@ -55,8 +55,7 @@ def reinitialised(model, seed: int = 0):
     if kernel and hasattr(fresh, "set_experts_implementation"):
         fresh.set_experts_implementation(kernel)
     ref = next(model.parameters())
-    fresh.__dict__[recipe.ATTRIBUTE] = recipe.steps(model)
-    fresh.__dict__["moelab_recipe_source"] = getattr(model, "moelab_recipe_source", None)
+    recipe.inherit(fresh, model)
     recipe.note(fresh, "reinitialised", seed=seed)
     return fresh.to(device=ref.device, dtype=ref.dtype)  # the same device and dtype as the model it twins
 

@@ -88,6 +88,10 @@ def test_steps_a_recipe_cannot_redo_are_refused_by_name(observed):
         recipe.apply(model, recipe.recipe(student))
     before = recipe.apply(model, recipe.recipe(student), upto=1)  # the compression before training
     assert _identical(before, prune.prune(model, obs, "frequency", num_experts=4)[0])
+    fresh = train.reinitialised(prune.prune(model, obs, "frequency", num_experts=4)[0])
+    assert [s["op"] for s in recipe.steps(fresh)] == ["prune_experts", "reinitialised"]
+    with pytest.raises(ValueError, match=r"step 1 .*re-initialised"):
+        recipe.apply(model, recipe.recipe(fresh))
     hand = models.variant(model)
     layer = models.moe_layers(hand)[0]
     w = {k: v * 0.5 for k, v in layer.expert_weights().items()}
