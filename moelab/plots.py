@@ -318,3 +318,36 @@ def segment_flow(flow, kept, dropped, *, title: str = ""):
     return heatmap(sub, xlabel="kept expert", ylabel="dropped expert", title=title + left_out,
                    xticklabels=[k for k, c in zip(kept, cols) if c], yticklabels=[d for d, r in zip(dropped, rows) if r],
                    cmap="mako", cbar_label="segments moved", annotate=sub.size <= 150)
+
+
+KIND_COLORS = {"from scratch": "#4C72B0", "upcycled": "#DD8452", "checkpoint": "#55A868"}
+
+
+def claim_effects(effects, *, title: str = "Each claim's advantage on each model",
+                  xlabel: str = "advantage in bits per byte (positive: the claim's direction)"):
+    """Claims matrix figure: per claim (rows) one point per model with its interval, coloured by the
+    model's kind (from scratch, upcycled); the interval is the one the verdict uses.
+
+    Args:
+        effects: ``study.effects`` records (claim, model, kind, advantage, lo, hi).
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(effects)
+    claims_order = list(dict.fromkeys(df["claim"]))
+    models = list(dict.fromkeys(df["model"]))
+    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(claims_order) * max(1, len(models)) ** 0.5 + 1.8))
+    step = 0.7 / max(1, len(models))
+    for j, m in enumerate(models):
+        sub = df[df["model"] == m]
+        y = np.array([len(claims_order) - 1 - claims_order.index(c) for c in sub["claim"]]) + 0.35 - (j + 0.5) * step
+        kind = sub["kind"].iloc[0]
+        ax.errorbar(sub["advantage"], y, xerr=[sub["advantage"] - sub["lo"], sub["hi"] - sub["advantage"]], fmt="o",
+                    ms=4, capsize=2, color=KIND_COLORS.get(kind, "#7F7F7F"), label=f"{m} ({kind})")
+    ax.set_yticks(np.arange(len(claims_order))[::-1], claims_order)
+    ax.axvline(0, color="k", lw=1)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=5))
+    ax.set(xlabel=f"{xlabel}; ± 2 paired standard errors", title=title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

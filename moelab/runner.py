@@ -342,7 +342,7 @@ def _build_zoo_models(names) -> None:
 
     for name in sorted(n for n in names if isinstance(n, str)):
         name = name.strip('"\'')
-        if name in zoo.RECIPES:
+        if zoo.is_zoo_name(name):
             print(f"zoo model {name}: {zoo.build(name)}", flush=True)
 
 

@@ -57,7 +57,9 @@ class Recipe:
     tokenizer_chars: int = 2_000_000  # characters per domain the tokenizer is trained on
     eval_tokens: int = 65_536      # held-out tokens per domain for the final metrics, at most (a domain
                                    # whose eval split holds fewer is scored on all of its full rows)
-    seed: int = 0
+    dense_steps: int = 0           # >0: an upcycled build: the first dense_steps of `steps` train a dense model of
+                                   # the MoE's active width, whose FFN is then split into the experts (moelab.upcycle)
+    seed: int = 0                  # init, training order and shuffles; the held-out set does not depend on it
     threads: int = 2               # torch intra-op threads of the build: the sums inside a matmul are split
                                    # by thread, so another count gives other bytes; fixed here, on any machine
 
@@ -66,7 +68,7 @@ class Recipe:
         decides the training text beyond the code (``data.corpus_identity``: the Python version whose
         standard library is the code domain, the packages giving the other domains, or a snapshot)."""
         blob = json.dumps({**asdict(self), "v": RECIPE_VERSION, "data": data.DATA_VERSION,
-                           "code": build_fingerprint(), "corpus": _corpus_identity(os.environ.get(data.SNAPSHOT_ENV))},
+                           "code": build_fingerprint(upcycled=self.dense_steps > 0), "corpus": _corpus_identity(os.environ.get(data.SNAPSHOT_ENV))},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -88,12 +90,16 @@ def register_recipe(name: str, recipe: Recipe) -> None:
 
 
 register_recipe("qwen3-moe-15m", Recipe())
+# Its upcycled twin: same architecture, data, tokenizer and steps (a dense step costs what an MoE step
+# costs); half the steps train the dense model, half the MoE upcycled from it.
+register_recipe("qwen3-moe-15m-upcycled", Recipe(dense_steps=400))
 # Tests: the same architecture family, tiny and trained for seconds (routing still specialises).
 register_recipe("smoke", Recipe(vocab_size=2048, hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1,
                                 head_dim=32, num_experts=8, top_k=2, expert_width=32, seq_len=128, batch_size=8,
                                 steps=300, lr=5e-3, warmup=20, tokenizer_chars=300_000, eval_tokens=8192))
 # Tests of other families and of bf16 checkpoints: the smoke recipe as a Mixtral (tests save it in bf16).
 register_recipe("smoke-mixtral", replace(RECIPES["smoke"], family="mixtral"))
+register_recipe("smoke-upcycled", replace(RECIPES["smoke"], dense_steps=150))
 register_recipe("mixtral-8x-small", Recipe(family="mixtral", num_experts=8, top_k=2, expert_width=256,
                                            num_layers=6))
 register_recipe("deepseek-v3-small", Recipe(family="deepseek_v3", num_experts=32, top_k=4, expert_width=128,
@@ -176,8 +182,9 @@ def build_config(recipe: Recipe, tokenizer):
 # that today's code would not build. (Data constants are included through their repr.)
 _BUILD_CODE = (
     "zoo:Recipe", "zoo:seed_everything", "zoo:train_tokenizer", "zoo:build_config", "zoo:_token_stream",
-    "zoo:_Batches", "zoo:_preflight", "zoo:_eval_tasks", "zoo:train",
+    "zoo:_Batches", "zoo:_preflight", "zoo:_eval_tasks", "zoo:_domain_metrics", "zoo:train",
     "kernels:",  # the whole module: training runs through moelab's experts kernel
+    "zoo:_optimizer", "zoo:_fit",
     "data:DATA_VERSION", "data:DOMAINS", "data:SPLITS", "data:SPLIT_SHARES", "data:MATH_PROBLEMS",
     "data:_MATH_SEEDS", "data:_ARITH", "data:_ARITH_SHARE", "data:_WIKI_FILE", "data:_CODE_SKIP",
     "data:split_of", "data:_clean_wiki", "data:_general_documents", "data:_format_problem", "data:math_problems",
@@ -188,9 +195,15 @@ _BUILD_CODE = (
 )
 
 
+# What an upcycled recipe's bytes depend on besides: the whole module that makes its experts from the
+# dense model (kept out of the other recipes' keys, which it cannot change).
+_UPCYCLE_CODE = ("upcycle:",)
+
+
 @functools.lru_cache(maxsize=None)
-def build_fingerprint() -> str:
-    """A hash of the source of everything in ``_BUILD_CODE`` and of the libraries that train the model."""
+def build_fingerprint(upcycled: bool = False) -> str:
+    """A hash of the source of everything in ``_BUILD_CODE`` (and ``_UPCYCLE_CODE`` for an upcycled
+    recipe) and of the libraries that train the model."""
     import importlib
     import inspect
 
@@ -198,7 +211,7 @@ def build_fingerprint() -> str:
     import transformers
 
     h = hashlib.sha256()
-    for ref in _BUILD_CODE:
+    for ref in _BUILD_CODE + (_UPCYCLE_CODE if upcycled else ()):
         module_name, _, attr = ref.partition(":")
         module = importlib.import_module(f"moelab.{module_name}")
         obj = getattr(module, attr) if attr else module
@@ -257,8 +270,8 @@ def _eval_tasks(recipe: Recipe) -> list:
     """The held-out perplexity tasks of a build: every domain's eval split, up to ``eval_tokens``."""
     from . import evaluate
 
-    return [evaluate.perplexity_task(d, tokens=None, seq_len=recipe.seq_len, seed=recipe.seed)
-            for d in data.DOMAINS]
+    # seed 0 whatever the recipe's seed: builds of other seeds are scored on the same held-out rows
+    return [evaluate.perplexity_task(d, tokens=None, seq_len=recipe.seq_len, seed=0) for d in data.DOMAINS]
 
 
 def _preflight(recipe: Recipe, tokenizer, out_dir: Path, streams: dict, tasks: list) -> dict[str, int]:
@@ -296,16 +309,81 @@ def _preflight(recipe: Recipe, tokenizer, out_dir: Path, streams: dict, tasks: l
     return eval_tokens
 
 
+def _optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
+                             fused=True)
+
+
+def _fit(model, batches: "_Batches", recipe: Recipe, steps: int, phase: str, progress: bool) -> list[dict]:
+    """Train ``model`` for ``steps`` on ``batches`` with a fresh optimizer: linear warmup over
+    ``recipe.warmup`` steps, cosine decay to 10% of ``recipe.lr``, gradients clipped at 1, the router
+    loss at ``recipe.router_aux_loss_coef``. Returns the training curve (one row per step)."""
+    from tqdm.auto import tqdm
+
+    opt = _optimizer(model, recipe)
+
+    def lr_at(step):
+        if step < recipe.warmup:
+            return recipe.lr * (step + 1) / recipe.warmup
+        frac = (step - recipe.warmup) / max(1, steps - recipe.warmup)
+        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    curve = []
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(steps), desc=f"training embedded {phase}", disable=not progress, mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x = next(batches)
+        out = model(input_ids=x, labels=x, output_router_logits=recipe.router_aux_loss_coef > 0)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else 0.0
+        lm = float(out.loss.detach()) - recipe.router_aux_loss_coef * aux
+        curve.append({"step": step, "phase": phase, "lm_loss": lm, "aux_loss": aux, "lr": lr_at(step),
+                      "seconds": time.time() - t0})
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{(step + 1) * x.numel() / (time.time() - t0):.0f}")
+    model.eval()
+    return curve
+
+
+def _domain_metrics(table, eval_tokens: dict) -> dict:
+    out = {}
+    for d in data.DOMAINS:
+        rows = table[table.domain == d]
+        out[d] = {r.metric: r.value for r in rows.itertuples()}
+        out[d].update({f"{r.metric}_stderr": r.stderr for r in rows.itertuples()})
+        out[d]["tokens"] = eval_tokens[d]
+    return out
+
+
 def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     """Build the recipe's tokenizer and model into ``out_dir`` (which must not exist yet).
 
     Steps: tokenizer, training streams, a preflight of everything needed after training
     (``_preflight``), training, held-out evaluation on each domain's eval split (up to
-    ``recipe.eval_tokens`` tokens; ``build_metrics.json`` says how many), save.
+    ``recipe.eval_tokens`` tokens; ``build_metrics.json`` says how many), save. An upcycled recipe
+    (``dense_steps > 0``) trains its dense model first, scores it, upcycles it (``moelab.upcycle``) and
+    trains the MoE for the remaining steps on the same stream of batches.
     """
-    from tqdm.auto import tqdm
+    import platform
+
+    import tokenizers
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    from . import evaluate
+
+    if not 0 <= recipe.dense_steps < recipe.steps:
+        raise ValueError(f"dense_steps={recipe.dense_steps} must lie in [0, steps={recipe.steps}): the MoE needs steps too")
     t0 = time.time()
     torch.set_num_threads(recipe.threads)  # the caller (build) restores its own count
     seed_everything(recipe.seed)
@@ -322,60 +400,42 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     eval_tokens = _preflight(recipe, tokenizer, out_dir, streams, tasks)
     register()
     config._experts_implementation = KERNEL_NAME
+    batches = _Batches(streams, mix, recipe.seq_len, recipe.batch_size, recipe.seed)
+    curve, extra = [], {}
+    t_train = time.time()
+    if recipe.dense_steps:
+        from . import upcycle
+
+        dense_config = build_config(upcycle.dense_recipe(recipe), tokenizer)
+        dense_config._experts_implementation = KERNEL_NAME
+        seed_everything(recipe.seed)
+        dense = AutoModelForCausalLM.from_config(dense_config)
+        dense.set_experts_implementation(KERNEL_NAME)
+        curve += _fit(dense, batches, recipe, recipe.dense_steps, "dense", progress)
+        extra["dense_eval"] = _domain_metrics(evaluate.evaluate(dense, tokenizer, tasks, progress=False), eval_tokens)
+        extra["dense_parameters"] = sum(p.numel() for p in dense.parameters())
     seed_everything(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
     model.set_experts_implementation(KERNEL_NAME)
-    batches = _Batches(streams, mix, recipe.seq_len, recipe.batch_size, recipe.seed)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
-                            fused=True)
-
-    def lr_at(step):  # linear warmup, cosine decay to 10%
-        if step < recipe.warmup:
-            return recipe.lr * (step + 1) / recipe.warmup
-        frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    curve = []
-    model.train()
-    t_train = time.time()
-    bar = tqdm(range(recipe.steps), desc="training embedded MoE", disable=not progress, mininterval=2)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        x = next(batches)
-        out = model(input_ids=x, labels=x, output_router_logits=recipe.router_aux_loss_coef > 0)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else 0.0
-        lm = float(out.loss.detach()) - recipe.router_aux_loss_coef * aux
-        curve.append({"step": step, "lm_loss": lm, "aux_loss": aux, "lr": lr_at(step),
-                      "seconds": time.time() - t_train})
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{(step + 1) * x.numel() / (time.time() - t_train):.0f}")
+    if recipe.dense_steps:
+        extra["upcycle"] = upcycle.upcycle_into(model, dense, seed=recipe.seed)
+        del dense
+    curve += _fit(model, batches, recipe, recipe.steps - recipe.dense_steps, "moe", progress)
     train_seconds = time.time() - t_train
-    model.eval()
     metrics = {"recipe": asdict(recipe), "recipe_key": recipe.key(),
                "parameters": sum(p.numel() for p in model.parameters()),
                "tokens_trained": recipe.steps * recipe.batch_size * recipe.seq_len,
                "train_seconds": train_seconds, "tokenizer_seconds": t_tok,
                "tokens_per_second": recipe.steps * recipe.batch_size * recipe.seq_len / train_seconds,
-               "torch_threads": torch.get_num_threads(), "code_fingerprint": build_fingerprint(),
-               "eval_tokens": eval_tokens, "eval": {}}
+               "torch_threads": torch.get_num_threads(),
+               "code_fingerprint": build_fingerprint(upcycled=recipe.dense_steps > 0),
+               # what decides the bytes beyond the code: the text's sources and the training libraries
+               "corpus": _corpus_identity(os.environ.get(data.SNAPSHOT_ENV)),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+               "eval_tokens": eval_tokens, **extra}
     # Held-out metrics with the same task the notebooks use (moelab.evaluate), so the figures agree.
-    from . import evaluate
-
-    table = evaluate.evaluate(model, tokenizer, tasks, progress=False)
-    for d in data.DOMAINS:
-        rows = table[table.domain == d]
-        metrics["eval"][d] = {r.metric: r.value for r in rows.itertuples()}
-        metrics["eval"][d].update({f"{r.metric}_stderr": r.stderr for r in rows.itertuples()})
-        metrics["eval"][d]["tokens"] = eval_tokens[d]
+    metrics["eval"] = _domain_metrics(evaluate.evaluate(model, tokenizer, tasks, progress=False), eval_tokens)
     metrics["build_seconds"] = time.time() - t0
     model.config._experts_implementation = None  # a saved checkpoint must not need moelab to load
     model.save_pretrained(out_dir)
@@ -384,20 +444,60 @@ def train(recipe: Recipe, out_dir: Path, progress: bool = True) -> Path:
     return out_dir
 
 
-def path_of(name: str) -> Path:
-    """Cache directory of a zoo recipe (built or not)."""
-    recipe = RECIPES[name]
+_SEED_MARK = "@seed"
+
+
+def parse_name(name: str, seed: int | None = None) -> tuple[str, Recipe]:
+    """A zoo name, optionally ``<recipe>@seed<N>``, and an optional seed, as (name, recipe).
+
+    The name comes back in its canonical form: ``<recipe>`` at the recipe's own seed, else
+    ``<recipe>@seed<N>``; so ``"smoke@seed0"``, ``("smoke", seed=0)`` and ``"smoke"`` are one model.
+
+    Raises:
+        KeyError: no recipe of that name (the known ones are listed).
+        ValueError: a seed that is no integer >= 0, or two different seeds (the name's and ``seed``).
+    """
+    base, mark, tail = str(name).partition(_SEED_MARK)
+    if base not in RECIPES:
+        raise KeyError(f"no zoo model named {base!r}; known: {sorted(RECIPES)} (any of them at another seed: "
+                       f"'<name>@seed1' or seed=1)")
+    if mark:
+        if not tail.isdigit():
+            raise ValueError(f"zoo name {name!r}: the seed after '@seed' must be a whole number >= 0, e.g. "
+                             f"'{base}@seed1'")
+        if seed is not None and int(seed) != int(tail):
+            raise ValueError(f"zoo name {name!r} names seed {int(tail)} but seed={seed} was given; give one of them")
+        seed = int(tail)
+    recipe = RECIPES[base]
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r}: a zoo model's seed is a whole number >= 0")
+        recipe = replace(recipe, seed=int(seed))
+    canonical = base if recipe.seed == RECIPES[base].seed else f"{base}{_SEED_MARK}{recipe.seed}"
+    return canonical, recipe
+
+
+def is_zoo_name(name) -> bool:
+    """Whether ``name`` names a zoo model (a recipe, at its own seed or ``@seed<N>``)."""
+    base, mark, tail = str(name).partition(_SEED_MARK)
+    return base in RECIPES and (not mark or tail.isdigit())
+
+
+def path_of(name: str, seed: int | None = None) -> Path:
+    """Cache directory of a zoo model (built or not): named by its recipe and seed, and the recipe's key."""
+    name, recipe = parse_name(name, seed)
     return data.cache_dir() / "zoo" / f"{name}-{recipe.key()}"
 
 
-def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False) -> Path:
+def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False, seed: int | None = None) -> Path:
     """Build a zoo model on first use and return its directory (cached; ``force`` rebuilds).
 
+    ``seed`` (or a name ``"<recipe>@seed<N>"``) builds the recipe for another seed: another
+    initialisation, training order and shuffle of the training text; the held-out set is the same.
     Builds into a temporary directory and renames it into place, so an interrupted build never
     leaves a half checkpoint behind.
     """
-    if name not in RECIPES:
-        raise KeyError(f"no zoo model named {name!r}; known: {sorted(RECIPES)}")
+    name, recipe = parse_name(name, seed)
     final = path_of(name)
     if final.exists() and not force and not _damaged(final):
         return final
@@ -415,7 +515,7 @@ def build(name: str = DEFAULT_MODEL, progress: bool = True, force: bool = False)
             import warnings
 
             warnings.warn(f"the cached zoo model {final} is damaged ({why}); rebuilding it")
-        return _build_locked(name, final, progress)
+        return _build_locked(recipe, final, progress)
 
 
 _ENTRY_FILES = ("config.json", "tokenizer.json", "build_metrics.json")
@@ -438,13 +538,13 @@ def _damaged(entry: Path) -> str | None:
     return None
 
 
-def _build_locked(name: str, final: Path, progress: bool) -> Path:
+def _build_locked(recipe: Recipe, final: Path, progress: bool) -> Path:
     tmp = final.with_name(final.name + f".building-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     torch_threads = torch.get_num_threads()
     try:
-        train(RECIPES[name], tmp, progress=progress)
+        train(recipe, tmp, progress=progress)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -455,8 +555,10 @@ def _build_locked(name: str, final: Path, progress: bool) -> Path:
     return final
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str, seed: int | None = None) -> str:
     """A zoo name becomes its (built) cache directory; local checkpoints and hub ids pass through.
+
+    ``seed`` applies to zoo names only (see ``build``); with a checkpoint it is an error.
 
     Raises:
         FileNotFoundError: a path (absolute, relative with ./ ../ or ~, or with more than one "/")
@@ -464,8 +566,13 @@ def resolve(name_or_path: str) -> str:
             read "org/name"), named with what to give instead, before any hub look-up.
     """
     name_or_path = str(name_or_path)
-    if name_or_path in RECIPES:
-        return str(build(name_or_path))
+    if is_zoo_name(name_or_path):
+        return str(build(name_or_path, seed=seed))
+    if _SEED_MARK in name_or_path and name_or_path.partition(_SEED_MARK)[0] in RECIPES:
+        parse_name(name_or_path)  # raises with what is wrong with the seed
+    if seed is not None:
+        raise ValueError(f"seed={seed} builds a zoo model at another seed; {name_or_path!r} is no zoo name "
+                         f"({', '.join(sorted(RECIPES))}), so there is nothing to build: drop seed")
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -480,11 +587,14 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast_kernel: bool = False, **kwargs):
+def load(name_or_path: str = DEFAULT_MODEL, *, seed: int | None = None, device_map=None, dtype=None,
+         fast_kernel: bool = False, **kwargs):
     """Load a model and its tokenizer by zoo name, local path or hub id.
 
     Args:
-        name_or_path: a zoo name (built on first use), a local checkpoint, or a hub id.
+        name_or_path: a zoo name (built on first use; ``"<recipe>@seed<N>"`` for another seed), a local
+            checkpoint, or a hub id.
+        seed: a zoo recipe's seed (``load("qwen3-moe-15m", seed=1)``); None keeps the recipe's own.
         device_map, dtype: handed to ``from_pretrained`` through ``models.load_model``
             (``device_map="auto"`` spreads a large model over GPUs, CPU memory and disk; None puts
             the model on the GPU when there is one, else on the CPU; ``dtype=None`` keeps the
@@ -503,7 +613,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device_map=None, dtype=None, fast
 
     from .models import load_model
 
-    path = resolve(name_or_path)
+    path = resolve(name_or_path, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if device_map is None and torch.cuda.is_available():
         # A GPU is at hand: use it (the whole model on one device; "auto" spreads a larger one).

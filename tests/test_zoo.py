@@ -129,10 +129,11 @@ def test_every_recipe_builds_end_to_end(name, tmp_path):
 
     from moelab import data
 
-    recipe = replace(zoo.RECIPES[name], steps=2, warmup=1)
+    recipe = replace(zoo.RECIPES[name], steps=2, warmup=1, dense_steps=min(1, zoo.RECIPES[name].dense_steps))
     out = zoo.train(recipe, tmp_path / name, progress=False)
     metrics = json.loads((out / "build_metrics.json").read_text())
-    assert metrics["code_fingerprint"] == zoo.build_fingerprint()
+    assert metrics["code_fingerprint"] == zoo.build_fingerprint(upcycled=recipe.dense_steps > 0)
+    assert metrics["corpus"] == data.corpus_identity() and metrics["versions"]["python"]
     for d in data.DOMAINS:
         tokens = metrics["eval"][d]["tokens"]
         assert tokens == metrics["eval_tokens"][d] and tokens % recipe.seq_len == 0
@@ -196,3 +197,55 @@ def test_two_processes_building_one_recipe_build_it_once(tmp_path):
     assert lines[0] == lines[1]  # the same entry, written once (same modification time)
     left = sorted(p.name for p in (tmp_path / "zoo").iterdir())
     assert len(left) == 2 and left[1] == left[0] + ".lock"
+
+
+def test_zoo_names_with_seeds():
+    """``<recipe>@seed<N>`` and ``seed=N`` name one model; its own seed is the plain name; bad seeds are refused."""
+    assert zoo.parse_name("smoke")[0] == zoo.parse_name("smoke@seed0")[0] == zoo.parse_name("smoke", seed=0)[0] == "smoke"
+    name, recipe = zoo.parse_name("smoke", seed=2)
+    assert name == "smoke@seed2" and recipe.seed == 2 and recipe == zoo.parse_name("smoke@seed2")[1]
+    assert zoo.path_of("smoke@seed0") == zoo.path_of("smoke")
+    assert zoo.path_of("smoke", seed=1) == zoo.path_of("smoke@seed1") != zoo.path_of("smoke")
+    assert zoo.path_of("smoke@seed1").name.startswith("smoke@seed1-")
+    assert zoo.is_zoo_name("qwen3-moe-15m@seed3") and not zoo.is_zoo_name("qwen3-moe-15m@seedx")
+    assert not zoo.is_zoo_name("Qwen/Qwen3-30B-A3B")
+    with pytest.raises(ValueError, match="whole number"):
+        zoo.parse_name("smoke@seedx")
+    with pytest.raises(ValueError, match="give one of them"):
+        zoo.parse_name("smoke@seed1", seed=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="whole number"):
+            zoo.parse_name("smoke", seed=bad)
+    with pytest.raises(KeyError, match="no zoo model named 'nope'"):
+        zoo.parse_name("nope@seed1")
+    with pytest.raises(ValueError, match="whole number"):
+        zoo.resolve("smoke@seed-1")
+    with pytest.raises(ValueError, match="drop seed"):
+        zoo.resolve("org/some-model", seed=1)
+
+
+@pytest.mark.slow
+def test_a_recipe_builds_for_another_seed_deterministically(tmp_path, monkeypatch):
+    """``zoo.build(name, seed=1)`` trains another model (init and order) scored on the same held-out
+    rows, cached under its own name; the same seed twice gives the same bytes."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(zoo.RECIPES, "tiny-seeds", replace(zoo.RECIPES["smoke"], steps=4, warmup=1,
+                                                           tokenizer_chars=50_000, eval_tokens=1024))
+    base = zoo.build("tiny-seeds", progress=False)
+    one = zoo.build("tiny-seeds@seed1", progress=False)
+    assert one != base and one == zoo.path_of("tiny-seeds", seed=1)
+    again = zoo.train(zoo.parse_name("tiny-seeds", seed=1)[1], tmp_path / "again", progress=False)
+    w0, w1, w1b = (load_file(p / "model.safetensors") for p in (base, one, again))
+    assert all(torch.equal(w1[k], w1b[k]) for k in w1)
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)
+    m0, m1 = zoo.build_metrics(str(base)), zoo.build_metrics("tiny-seeds@seed1")
+    assert m1["recipe"]["seed"] == 1 and m0["recipe"]["seed"] == 0
+    assert m0["eval_tokens"] == m1["eval_tokens"]  # the same held-out rows
+    assert m0["eval"]["math"]["bits_per_byte"] != m1["eval"]["math"]["bits_per_byte"]
+    model, _ = zoo.load("tiny-seeds", seed=1)
+    assert torch.equal(dict(model.named_parameters())["model.embed_tokens.weight"].detach(),
+                       w1["model.embed_tokens.weight"])
