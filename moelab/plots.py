@@ -338,16 +338,20 @@ def claim_effects(effects, *, title: str = "Each claim's advantage on each model
     models = list(dict.fromkeys(df["model"]))
     fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(claims_order) * max(1, len(models)) ** 0.5 + 1.8))
     step = 0.7 / max(1, len(models))
-    for j, m in enumerate(models):
+    for j, m in enumerate(models):  # each model at its own offset within the claim's band
         sub = df[df["model"] == m]
         y = np.array([len(claims_order) - 1 - claims_order.index(c) for c in sub["claim"]]) + 0.35 - (j + 0.5) * step
         kind = sub["kind"].iloc[0]
         ax.errorbar(sub["advantage"], y, xerr=[sub["advantage"] - sub["lo"], sub["hi"] - sub["advantage"]], fmt="o",
                     ms=4, capsize=2, color=KIND_COLORS.get(kind, "#7F7F7F"), label=f"{m} ({kind})")
     ax.set_yticks(np.arange(len(claims_order))[::-1], claims_order)
+    ax.grid(axis="y", visible=False)
+    for i in range(0, len(claims_order), 2):  # bands tell the claims apart
+        ax.axhspan(i - 0.5, i + 0.5, color="#F0F0F0", zorder=0)
+    ax.set_ylim(-0.5, len(claims_order) - 0.5)
     ax.axvline(0, color="k", lw=1)
     ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=5))
-    ax.set(xlabel=f"{xlabel}; ± 2 paired standard errors", title=title)
-    ax.legend(fontsize=8, loc="best")
+    ax.set(xlabel=f"{xlabel}\n± 2 paired standard errors", title=title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.02 * len(models)), ncol=2)
     fig.tight_layout()
     return fig
