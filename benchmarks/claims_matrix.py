@@ -27,10 +27,12 @@ DEFAULT_MODELS = [f"{r}@seed{s}" for r in ("qwen3-moe-15m", "qwen3-moe-15m-upcyc
 
 
 def markdown(results: list[dict], mat) -> str:
-    lines = ["| paper | claim | kind | holds on | opposite holds | cannot tell | mean advantage (bpb) |",
-             "|---|---|---|---|---|---|---|"]
+    mat = mat.rename(columns={"holds on": "holds_on", "opposite holds": "opposite", "does not hold": "does_not",
+                              "cannot tell": "cannot", "mean advantage": "mean_advantage"})
+    lines = ["| paper | claim | kind | holds on | opposite holds | does not hold | cannot tell | mean advantage (bpb) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in mat.itertuples():
-        lines.append(f"| {r.paper} | {r.claim} | {r.kind} | {r.holds_on} | {r.opposite} | {r.cannot} | "
+        lines.append(f"| {r.paper} | {r.claim} | {r.kind} | {r.holds_on} | {r.opposite} | {r.does_not} | {r.cannot} | "
                      f"{r.mean_advantage:+.4f} |")
     lines += ["", "| model | kind | original bpb | aligned cosine (best partner) | segments above alpha 0.6 | "
               "main-domain share | seconds |", "|---|---|---|---|---|---|---|"]
@@ -68,8 +70,7 @@ def main() -> None:
     io.write_json_atomic(out, {"models": results, "matrix": mat.to_dict("records"),
                                "settings": {k: v for k, v in vars(args).items() if k != "out"},
                                "packages": io.package_versions(), "revision": io.git_revision(ROOT)})
-    out.with_suffix(".md").write_text(markdown(results, mat.rename(columns={
-        "holds on": "holds_on", "opposite holds": "opposite", "cannot tell": "cannot", "mean advantage": "mean_advantage"})))
+    out.with_suffix(".md").write_text(markdown(results, mat))
     plots.style()
     plots.save(plots.claim_effects(study.effects(results)), out.stem, out.parent)
     print(out.with_suffix(".md").read_text())

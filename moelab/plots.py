@@ -342,7 +342,9 @@ def claim_effects(effects, *, title: str = "Each claim's advantage on each model
         sub = df[df["model"] == m]
         y = np.array([len(claims_order) - 1 - claims_order.index(c) for c in sub["claim"]]) + 0.35 - (j + 0.5) * step
         kind = sub["kind"].iloc[0]
-        ax.errorbar(sub["advantage"], y, xerr=[sub["advantage"] - sub["lo"], sub["hi"] - sub["advantage"]], fmt="o",
+        nth = [k for k in dict.fromkeys(zip(df["model"], df["kind"])) if k[1] == kind].index((m, kind))
+        ax.errorbar(sub["advantage"], y, xerr=[sub["advantage"] - sub["lo"], sub["hi"] - sub["advantage"]],
+                    fmt="osD^v"[nth % 5],  # one marker per model within its kind (seeds)
                     ms=4, capsize=2, color=KIND_COLORS.get(kind, "#7F7F7F"), label=f"{m} ({kind})")
     ax.set_yticks(np.arange(len(claims_order))[::-1], claims_order)
     ax.grid(axis="y", visible=False)
@@ -352,6 +354,6 @@ def claim_effects(effects, *, title: str = "Each claim's advantage on each model
     ax.axvline(0, color="k", lw=1)
     ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=5))
     ax.set(xlabel=f"{xlabel}\n± 2 paired standard errors", title=title)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.02 * len(models)), ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
     fig.tight_layout()
     return fig

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moelab import claims, study, zoo
+from moelab import claims, plots, study, zoo
 
 
 def test_every_claim_names_variants_the_study_builds():
@@ -34,6 +34,8 @@ def test_the_study_judges_every_claim_on_a_model_and_counts_them(one_thread):
     assert row["holds on"] == f"{row['holds']} of 2"
     e = study.effects([full, other])
     assert len(e) == len(study.CLAIMS) + 1 and (e.lo <= e.advantage).all() and (e.advantage <= e.hi).all()
+    fig = plots.claim_effects(e)
+    assert len(fig.axes[0].get_yticklabels()) == len(study.CLAIMS)
     with pytest.raises(ValueError, match="cannot build"):
         study.run_model("smoke", claim_list=[("x", claims.Claim("c", "p", "nope", "REAP 25%"))], **sizes)
     assert zoo.path_of("smoke@seed1").is_dir()
