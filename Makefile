@@ -1,6 +1,8 @@
 # moelab: two commands do everything (see README.md).
 #   make reproduce   set up .venv, build the embedded model, run every notebook (full preset)
 #   make test        set up .venv, run the package tests and the notebooks' smoke runs
+#   make study       the claims matrix across models (notebook 05; not part of reproduce; about 2 hours
+#                    on a fresh machine, six model builds included)
 # Options: PRESET=full|smoke|paper, NB=<notebook stem> (one notebook alone), P="NAME=VALUE ..." (parameters
 #          on top of the preset, e.g. P="MODEL=/ckpt/mixtral DTYPE=bfloat16"; no spaces inside a value:
 #          SEEDS=[0,1]), PARAMS=<file.yaml>,
@@ -15,11 +17,12 @@ PARAMS ?=
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moelab-installed
 
-.PHONY: reproduce test test-oldest env model lab notebooks benchmark clean-runs help
+.PHONY: reproduce study test test-oldest env model lab notebooks benchmark clean-runs help
 
 help:
 	@echo "make reproduce   # set up $(VENV), build the embedded model, run all notebooks ($(PRESET) preset)"
 	@echo "make test        # set up $(VENV), run pytest (package + notebook smoke runs + nbval + oldest transformers)"
+	@echo "make study       # the claims matrix across models: notebook 05 ($(PRESET) preset; not part of reproduce)"
 	@echo "make model       # build the embedded model ahead of time"
 	@echo "make lab         # open the notebooks in JupyterLab from $(VENV)"
 
@@ -47,6 +50,12 @@ reproduce: $(STAMP)
 		$(foreach p,$(P),-p '$(p)')
 
 notebooks: reproduce
+
+# The claims matrix across models (notebooks/05_claims_across_models.ipynb): three seeds of the embedded
+# recipe and of its upcycled twin, each built first when not cached. Same options as reproduce but NB.
+study: $(STAMP)
+	$(PY) -m moelab.runner --preset $(PRESET) --notebook 05 $(if $(PARAMS),--params $(PARAMS),) \
+		$(foreach p,$(P),-p '$(p)')
 
 # Tests keep their zoo cache in the repository (.cache/moelab): hermetic, and built once per clone.
 TEST_CACHE ?= $(CURDIR)/.cache/moelab

@@ -616,10 +616,15 @@ def write_json_atomic(path, payload) -> Path:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
     import json
 
+    return write_text_atomic(path, json.dumps(_jsonable(payload), indent=1))
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write text to a temporary file beside ``path`` and rename it into place (its folder is created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # a killed writer's
         pid = stale.name.rpartition(".tmp")[2]

@@ -324,12 +324,14 @@ KIND_COLORS = {"from scratch": "#4C72B0", "upcycled": "#DD8452", "checkpoint": "
 
 
 def claim_effects(effects, *, title: str = "Each claim's advantage on each model",
-                  xlabel: str = "advantage in bits per byte (positive: the claim's direction)"):
+                  xlabel: str = "advantage in bits per byte (positive: the claim's direction)",
+                  interval: str | None = "± 2 paired standard errors"):
     """Claims matrix figure: per claim (rows) one point per model with its interval, coloured by the
     model's kind (from scratch, upcycled); the interval is the one the verdict uses.
 
     Args:
         effects: ``study.effects`` records (claim, model, kind, advantage, lo, hi).
+        interval: what the interval is, under the x label (None: no intervals to name).
     """
     import pandas as pd
 
@@ -353,7 +355,17 @@ def claim_effects(effects, *, title: str = "Each claim's advantage on each model
     ax.set_ylim(-0.5, len(claims_order) - 0.5)
     ax.axvline(0, color="k", lw=1)
     ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=5))
-    ax.set(xlabel=f"{xlabel}\n± 2 paired standard errors", title=title)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
+    ax.set(xlabel=f"{xlabel}\n{interval}" if interval else xlabel, title=title)
     fig.tight_layout()
+    # below the whole figure (its x label has one or two lines); the saved image grows to hold it
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2)
     return fig
+
+
+def model_measures(table, columns, *, title: str = "How alike each model's experts are",
+                   xlabel: str = "mean over the MoE layers"):
+    """One row per measure (``columns`` of ``table``), one point per model coloured by its kind: how the
+    models of a study differ (``study.model_table``)."""
+    rows = [{"claim": c, "model": r["model"], "kind": r["kind"], "advantage": r[c], "lo": r[c], "hi": r[c]}
+            for c in columns for r in table.to_dict("records")]
+    return claim_effects(rows, title=title, xlabel=xlabel, interval=None)

@@ -3,7 +3,8 @@
     python -m moelab.runner [--preset full|smoke|paper] [--notebook STEM ...]
                             [-p NAME=VALUE ...] [--params FILE.yaml] [--out DIR]
 
-Each notebook has one parameter file per preset, ``notebooks/params/<stem>.<preset>.yaml``: ``full``
+A run without ``--notebook`` executes every notebook but those in ``ON_REQUEST`` (05, the claims matrix
+across models: `make study`). Each notebook has one parameter file per preset, ``notebooks/params/<stem>.<preset>.yaml``: ``full``
 runs the meaningful experiment on the embedded model, ``smoke`` the same notebook in about a minute
 (tests), ``paper`` the paper's own model and budgets (a hub checkpoint on a GPU; see the README).
 On top of the preset come the values of ``--params FILE.yaml`` and then of each ``-p NAME=VALUE``
@@ -35,6 +36,9 @@ NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "executed"  # the published run's executed notebooks (committed)
 PRESETS = ("full", "smoke", "classroom", "paper")
 PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
+# Notebooks a run of "all notebooks" leaves out: they run when named (`make study` runs 05, the claims
+# matrix over six models, about 2 hours with its builds on a fresh machine).
+ON_REQUEST = ("05_claims_across_models",)
 _RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
 KERNEL = "moelab"  # the Jupyter kernel `make env` registers in the venv (the notebooks' kernelspec)
 
@@ -62,6 +66,12 @@ def notebooks(only=None) -> list[Path]:
             raise SystemExit(f"no notebook matches {pick!r}; choose one of: " + ", ".join(p.stem for p in found))
         chosen += [p for p in match if p not in chosen]
     return [p for p in found if p in chosen]
+
+
+def selected(only=None) -> list[Path]:
+    """The notebooks a run executes: those ``only`` names (``notebooks``), or without it every notebook
+    but the ``ON_REQUEST`` ones."""
+    return notebooks(only) if only else [nb for nb in notebooks() if nb.stem not in ON_REQUEST]
 
 
 def parameters(nb: Path, preset: str) -> dict:
@@ -234,7 +244,9 @@ def run(preset: str = "full", only=None, out_root: Path | None = None, progress:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {PRESETS}")
     overrides = dict(overrides or {})
     _absolute_cache_env()
-    todo = notebooks(only)
+    todo = selected(only)
+    if not only:
+        print(f"   not run unless named (--notebook): {', '.join(ON_REQUEST)}", flush=True)
     check_overrides(todo, overrides)
     out_root = Path(out_root or run_dir(preset, overrides)).resolve()
     published = preset == PUBLISHED_PRESET and not overrides
@@ -384,7 +396,8 @@ def main(argv=None) -> int:
                                         "-p DTYPE=bfloat16 -p DEVICE_MAP=auto")
     ap.add_argument("--preset", default="full", choices=PRESETS, help="parameter set (default: full)")
     ap.add_argument("--notebook", action="append", default=None,
-                    help="run only this notebook (stem or its number, e.g. 02); repeat for several")
+                    help="run only this notebook (stem or its number, e.g. 02); repeat for several; "
+                         f"without it, every notebook but {', '.join(ON_REQUEST)}")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                     help="override one parameter (VALUE is YAML); repeatable")
     ap.add_argument("--params", default=None, metavar="FILE.yaml", help="override parameters from a YAML mapping")

@@ -103,11 +103,12 @@ def test_executed_copy_is_committed_and_matches_its_source(nb):
     repository, ran to the end, and holds exactly the source's code: an edited notebook needs
     `make reproduce` again before it lands."""
     copy = runner.EXECUTED / nb.name
-    assert copy.is_file(), f"{copy} is missing: run `make reproduce` (the full preset) and commit executed/"
+    how = "make study" if nb.stem in runner.ON_REQUEST else f"make reproduce NB={nb.stem[:2]}"
+    assert copy.is_file(), f"{copy} is missing: run `{how}` (the full preset) and commit executed/"
     ran = nbformat.read(copy, as_version=4)
     src = nbformat.read(nb, as_version=4)
     assert _code_cells(ran, skip_injected=True) == _code_cells(src), (
-        f"{copy} was executed from other code than {nb}: run `make reproduce NB={nb.stem[:2]}` and commit it")
+        f"{copy} was executed from other code than {nb}: run `{how}` and commit it")
     assert ran.metadata.get("papermill", {}).get("exception") in (None, False), f"{copy} stopped on an error"
     assert all(c.get("execution_count") for c in ran.cells if c.cell_type == "code"), f"{copy} did not run every cell"
 
@@ -215,6 +216,11 @@ def test_a_notebook_scores_the_lm_eval_tasks_its_parameters_name(tmp_path, monke
     assert rows and {r["metric"] for r in rows} == {"acc"} and all(r["n"] == 3 for r in rows), rows
 
 
+# What "only a smaller model" takes beyond MODEL: 05 studies several models (its upcycled twin at three
+# seeds by default), so it studies the smoke model alone.
+SMALLER = {"05_claims_across_models": {"UPCYCLED_MODEL": None, "SEEDS": [0]}}
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_as_opened_with_its_own_defaults(nb, tmp_path):
@@ -229,9 +235,19 @@ def test_notebook_runs_as_opened_with_its_own_defaults(nb, tmp_path):
     copy = tmp_path / "notebooks" / nb.name
     shutil.copy(nb, copy)
     published = _digests(runner.ROOT / "figures")
-    pm.execute_notebook(str(copy), str(tmp_path / "out.ipynb"), parameters={"MODEL": "smoke"},
+    smaller = {"MODEL": "smoke", **SMALLER.get(nb.stem, {})}
+    pm.execute_notebook(str(copy), str(tmp_path / "out.ipynb"), parameters=smaller,
                         cwd=str(copy.parent), kernel_name=runner.kernel_name(), progress_bar=False)
     interactive = tmp_path / "runs" / "interactive"
     _recorded(interactive / nb.stem / "metrics.json")
     assert list((interactive / "figures").glob(f"{nb.stem[:2]}_*.png")), "no figure under runs/interactive/figures"
     assert _digests(runner.ROOT / "figures") == published, "an interactive run changed the published figures"
+
+
+def test_a_run_of_all_notebooks_leaves_out_the_study_unless_named():
+    """`make reproduce` runs every notebook but 05 (the claims matrix over six models: `make study`)."""
+    everything = [p.stem for p in runner.notebooks()]
+    default = [p.stem for p in runner.selected()]
+    assert "05_claims_across_models" in everything and set(runner.ON_REQUEST) <= set(everything)
+    assert default == [s for s in everything if s not in runner.ON_REQUEST] and "00_anatomy_of_an_moe" in default
+    assert [p.stem for p in runner.selected("05")] == ["05_claims_across_models"]
