@@ -4,8 +4,8 @@
                             [-p NAME=VALUE ...] [--params FILE.yaml] [--out DIR]
 
 A run without ``--notebook`` executes every notebook but those in ``ON_REQUEST`` (05, the claims matrix
-across models: `make study`). Each notebook has one parameter file per preset, ``notebooks/params/<stem>.<preset>.yaml``: ``full``
-runs the meaningful experiment on the embedded model, ``smoke`` the same notebook in about a minute
+across models: `make study`). Each notebook has one parameter file per preset,
+``notebooks/params/<stem>.<preset>.yaml``: ``full`` runs the meaningful experiment on the embedded model, ``smoke`` the same notebook in about a minute
 (tests), ``paper`` the paper's own model and budgets (a hub checkpoint on a GPU; see the README).
 On top of the preset come the values of ``--params FILE.yaml`` and then of each ``-p NAME=VALUE``
 (VALUE is read as YAML: ``-p DTYPE=bfloat16``, ``-p SEEDS=[0,1]``, ``-p DEVICE_MAP=null``). A name
@@ -37,7 +37,7 @@ EXECUTED = ROOT / "executed"  # the published run's executed notebooks (committe
 PRESETS = ("full", "smoke", "classroom", "paper")
 PUBLISHED_PRESET = "full"  # the one preset whose unmodified run writes the committed figures/
 # Notebooks a run of "all notebooks" leaves out: they run when named (`make study` runs 05, the claims
-# matrix over six models, about 2 hours with its builds on a fresh machine).
+# matrix over six models, about 85 minutes with its builds on a fresh machine).
 ON_REQUEST = ("05_claims_across_models",)
 _RUNNER_SET = ("OUTPUT_DIR", "FIGURES_DIR")  # parameters the runner sets itself
 KERNEL = "moelab"  # the Jupyter kernel `make env` registers in the venv (the notebooks' kernelspec)
