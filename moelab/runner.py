@@ -6,9 +6,10 @@
 A run without ``--notebook`` executes every notebook but those in ``ON_REQUEST`` (05, the claims matrix
 across models: `make study`). Each notebook has one parameter file per preset,
 ``notebooks/params/<stem>.<preset>.yaml``: ``full`` runs the meaningful experiment on the embedded
-model, ``smoke`` the same notebook in about a minute (tests), ``paper`` the paper's own model and budgets (a hub checkpoint on a GPU; see the README).
-On top of the preset come the values of ``--params FILE.yaml`` and then of each ``-p NAME=VALUE``
-(VALUE is read as YAML: ``-p DTYPE=bfloat16``, ``-p SEEDS=[0,1]``, ``-p DEVICE_MAP=null``). A name
+model, ``smoke`` the same notebook in about a minute (tests), ``paper`` the paper's own model and
+budgets (a hub checkpoint on a GPU; see the README). On top of the preset come the values of
+``--params FILE.yaml`` and then of each ``-p NAME=VALUE`` (VALUE is read as YAML: ``-p DTYPE=bfloat16``,
+``-p SEEDS=[0,1]``, ``-p DEVICE_MAP=null``). A name
 that no selected notebook declares in its parameters cell is refused; a notebook is handed only the
 names it declares.
 
